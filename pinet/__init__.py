@@ -1,0 +1,26 @@
+"""pinet: infinite-width π-networks (the feature-learning π-limit) and their finite samples.
+
+Main entry points: :class:`InfPiMLP`, :class:`FinPiMLP`, the layers in :mod:`pinet.layers`, the
+state modules :class:`PiState` / :class:`FinPiState`, the optimizer wrapper
+:class:`pinet.optim.PiOptimizerWrapper` and the gradient hooks in :mod:`pinet.hooks`.
+"""
+
+from . import functional
+from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer
+from .models import FinPiMLP, InfPiMLP
+from .state import FinPiState, PiRows, PiState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "PiState",
+    "PiRows",
+    "FinPiState",
+    "InfPiInput",
+    "InfPiLayer",
+    "FinPiInput",
+    "FinPiLayer",
+    "InfPiMLP",
+    "FinPiMLP",
+]

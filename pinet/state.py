@@ -1,0 +1,312 @@
+"""π-state modules: what an infinite or finite π-layer owns besides ordinary weights.
+
+:class:`PiState` holds one infinite layer's growing rows ``A`` (M, r_out), ``B`` (M, r) and the
+coefficients ``c`` (M,), plus the gradient rows captured during ``backward`` that the optimizer
+wrapper has not applied yet. :class:`FinPiState` holds a finite layer's ``Ω`` (n, r) and
+``(ΩᵀΩ)⁻¹`` (r, r). Hooks and the optimizer wrapper find layers only through these modules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["PiState", "PiRows", "FinPiState"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Coefficients accumulate -lr * (1 - lr*wd)^t products over the whole run: never below fp32.
+    return torch.float32 if dtype in _HALF else dtype
+
+
+class PiRows(NamedTuple):
+    """A π-gradient: ``k`` rows ``A`` (k, r_out), ``B`` (k, r) and their coefficient gradient
+    ``coef`` (k,). Appending them to a :class:`PiState` and giving ``c`` the gradient ``coef`` on
+    the new rows is the projected gradient step of the infinite layer."""
+
+    A: Tensor
+    B: Tensor
+    coef: Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.A.shape[0]
+
+    def cat(self, other: "PiRows") -> "PiRows":
+        """Concatenate rows (the sum of two π-gradients)."""
+        return PiRows(*(torch.cat([x, y]) for x, y in zip(self, other)))
+
+    def scale(self, factor: Tensor | float) -> "PiRows":
+        """Multiply the update by ``factor`` (acts on ``coef`` only; rows stay as captured)."""
+        return PiRows(self.A, self.B, self.coef * factor)
+
+    def sqnorm(self) -> Tensor:
+        """``‖Δ‖²`` of this update (see :func:`pinet.functional.pi_rows_sqnorm`)."""
+        return F.pi_rows_sqnorm(self.A, self.B, self.coef)
+
+
+class PiState(nn.Module):
+    """Growing state of one infinite π-layer.
+
+    Attributes (read-only views, M rows):
+        A: (M, r_out) storage dtype.  B: (M, r_in) unit rows, storage dtype.
+        c: (M,) ``nn.Parameter``, float32 or wider (the only parameter; optimizers see this).
+
+    Rows live in preallocated stores whose capacity grows geometrically (``growth``), so
+    :meth:`append` costs amortised O(rows appended) and never copies the whole state per step.
+    ``state_dict`` saves exactly M rows and loading resizes; ``.to()`` moves the stores.
+
+    Gradient rows arrive from ``backward`` through :meth:`capture` and wait in ``pending`` until the
+    optimizer wrapper applies them. Like ``.grad``, they are dropped by ``zero_grad``: they are only
+    valid while ``c.grad`` is the tensor they were recorded with.
+    """
+
+    def __init__(
+        self,
+        r_in: int,
+        r_out: int,
+        *,
+        capacity: int = 0,
+        growth: float = 1.5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        coef_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("r_in", r_in), ("r_out", r_out)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"PiState: {name} must be a positive int, got {v!r}")
+        if not growth > 1.0:
+            raise ValueError(f"PiState: growth must be > 1, got {growth!r}")
+        dtype = dtype or torch.get_default_dtype()
+        coef_dtype = coef_dtype or _coef_dtype(dtype)
+        if coef_dtype in _HALF:
+            raise ValueError(f"PiState: coef_dtype must be float32 or wider, got {coef_dtype}")
+        self.r_in, self.r_out, self.growth = r_in, r_out, float(growth)
+        self._M = 0
+        self._A = torch.zeros(capacity, r_out, device=device, dtype=dtype)
+        self._B = torch.zeros(capacity, r_in, device=device, dtype=dtype)
+        self._c = torch.zeros(capacity, device=device, dtype=coef_dtype)
+        self.c = nn.Parameter(self._c[:0])
+        self.pending: list[PiRows] = []
+        self._pending_token: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------ views
+    @property
+    def rows(self) -> int:
+        """M, the number of rows."""
+        return self._M
+
+    @property
+    def capacity(self) -> int:
+        """Rows that fit before the stores are reallocated."""
+        return self._A.shape[0]
+
+    @property
+    def A(self) -> Tensor:
+        """(M, r_out) view of the A rows."""
+        return self._A[: self._M]
+
+    @property
+    def B(self) -> Tensor:
+        """(M, r_in) view of the unit B rows."""
+        return self._B[: self._M]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of ``A`` and ``B``."""
+        return self._A.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._A.device
+
+    def extra_repr(self) -> str:
+        return (
+            f"r_in={self.r_in}, r_out={self.r_out}, rows={self._M}, capacity={self.capacity}, "
+            f"dtype={self.dtype}, coef_dtype={self._c.dtype}"
+        )
+
+    # ------------------------------------------------------------------ growth
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` rows (one copy of the used rows if the stores move)."""
+        if capacity <= self.capacity:
+            return
+        M = self._M
+        A = self._A.new_zeros(capacity, self.r_out)
+        B = self._B.new_zeros(capacity, self.r_in)
+        c = self._c.new_zeros(capacity)
+        A[:M] = self._A[:M]
+        B[:M] = self._B[:M]
+        c[:M] = self._c[:M]
+        self._A, self._B, self._c = A, B, c
+        self.c.data = self._c[:M]
+
+    def append(self, A_new: Tensor, B_new: Tensor, c_new: Tensor | None = None) -> None:
+        """Append ``k`` rows: A_new (k, r_out), B_new (k, r_in), c_new (k,) (default zeros)."""
+        k = A_new.shape[0]
+        if A_new.dim() != 2 or A_new.shape[1] != self.r_out:
+            raise ValueError(f"append: A_new must be (k, {self.r_out}), got {tuple(A_new.shape)}")
+        if B_new.shape != (k, self.r_in):
+            raise ValueError(f"append: B_new must be ({k}, {self.r_in}), got {tuple(B_new.shape)}")
+        if c_new is not None and c_new.shape != (k,):
+            raise ValueError(f"append: c_new must be ({k},), got {tuple(c_new.shape)}")
+        M = self._M
+        if M + k > self.capacity:
+            self.reserve(max(M + k, math.ceil(self.capacity * self.growth), 64))
+        with torch.no_grad():
+            self._A[M : M + k] = A_new
+            self._B[M : M + k] = B_new
+            self._c[M : M + k] = 0 if c_new is None else c_new
+        self._M = M + k
+        self.c.data = self._c[: self._M]
+
+    def truncate(self, rows: int) -> None:
+        """Drop rows beyond ``rows`` (capacity is kept). Used to undo a failed step."""
+        if not 0 <= rows <= self._M:
+            raise ValueError(f"truncate: rows must be in [0, {self._M}], got {rows}")
+        self._M = rows
+        self.c.data = self._c[:rows]
+
+    # ------------------------------------------------------------------ gradient rows
+    def capture(self, s: Tensor, gbar: Tensor, delta: Tensor) -> None:
+        """Record the π-gradient of one backward pass: rows ``A = s ⊙ δ``, ``B = ḡ``.
+
+        Shapes: s (b, 1), gbar (b, r_in), delta (b, r_out) = ∂loss/∂(layer output). Called from a
+        tensor hook during ``backward``. Sets ``c.grad`` to zeros if it is ``None`` so that
+        ``zero_grad`` (which resets ``c.grad``) also discards these rows.
+        """
+        c = self.c
+        if c.grad is None:
+            c.grad = torch.zeros_like(c)
+            self.pending.clear()
+        elif not self._pending_valid():
+            self.pending.clear()
+        delta = delta.detach()
+        rows = PiRows(s * delta, gbar, torch.ones(delta.shape[0], dtype=c.dtype, device=c.device))
+        self.pending.append(rows)
+        self._pending_token = (id(c.grad), c.grad._version)
+
+    def _pending_valid(self) -> bool:
+        g = self.c.grad
+        return g is not None and self._pending_token == (id(g), g._version)
+
+    def pending_rows(self) -> PiRows | None:
+        """All valid captured rows concatenated, or ``None`` (stale rows are dropped)."""
+        if not self.pending or not self._pending_valid():
+            self.pending.clear()
+            return None
+        rows = self.pending[0]
+        for more in self.pending[1:]:
+            rows = rows.cat(more)
+        return rows
+
+    def clear_pending(self) -> None:
+        """Forget captured rows."""
+        self.pending.clear()
+        self._pending_token = None
+
+    # ------------------------------------------------------------------ torch.nn.Module plumbing
+    def _apply(self, fn, recurse: bool = True):  # noqa: D401 - torch override
+        # The stores are plain attributes (their unused capacity must not be saved), so .to(),
+        # .cuda(), .half() ... are applied here, keeping `c` a view of its store and >= fp32.
+        self._A = fn(self._A)
+        self._B = fn(self._B)
+        c = fn(self._c)
+        if c.dtype in _HALF:
+            c = c.float()
+        self._c = c
+        self.c.data = self._c[: self._M]
+        if self.c.grad is not None:
+            grad = fn(self.c.grad)
+            self.c.grad = grad.to(c.dtype) if grad.dtype != c.dtype else grad
+        self.clear_pending()
+        return self
+
+    @staticmethod
+    def _compact(t: Tensor) -> Tensor:
+        # torch.save writes whole storages: clone views that do not cover theirs.
+        return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "A"] = self._compact(self.A)
+        destination[prefix + "B"] = self._compact(self.B)
+        c = self.c if keep_vars else self.c.detach()
+        destination[prefix + "c"] = c if keep_vars else self._compact(c)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        keys = {k: prefix + k for k in ("A", "B", "c")}
+        for k in state_dict:
+            if k.startswith(prefix) and k[len(prefix) :] not in keys and "." not in k[len(prefix) :]:
+                unexpected_keys.append(k)
+        present = {k: state_dict[v] for k, v in keys.items() if v in state_dict}
+        for k, v in keys.items():
+            if k not in present:
+                missing_keys.append(v)
+        if len(present) != 3:
+            return
+        A, B, c = present["A"], present["B"], present["c"]
+        M = A.shape[0] if A.dim() == 2 else -1
+        problems = []
+        if A.dim() != 2 or A.shape[1] != self.r_out:
+            problems.append(f"{keys['A']}: expected shape (M, {self.r_out}), got {tuple(A.shape)}")
+        if B.dim() != 2 or B.shape[1] != self.r_in or B.shape[0] != M:
+            problems.append(
+                f"{keys['B']}: expected shape ({M}, {self.r_in}) to match {keys['A']}, "
+                f"got {tuple(B.shape)}"
+            )
+        if c.shape != (M,):
+            problems.append(f"{keys['c']}: expected shape ({M},) to match {keys['A']}, got {tuple(c.shape)}")
+        if problems:
+            error_msgs.extend(problems)
+            return
+        with torch.no_grad():
+            self._A = A.detach().to(device=self._A.device, dtype=self._A.dtype).clone()
+            self._B = B.detach().to(device=self._B.device, dtype=self._B.dtype).clone()
+            self._c = c.detach().to(device=self._c.device, dtype=self._c.dtype).clone()
+        self._M = M
+        self.c.data = self._c
+        self.c.grad = None
+        self.clear_pending()
+
+
+class FinPiState(nn.Module):
+    """Projector state of one finite π-layer: ``Ω`` (n, r) and ``(ΩᵀΩ)⁻¹`` (r, r), as buffers.
+
+    The gradients of the parameters of the module that owns this state (its ``weight`` and
+    ``bias``, non-recursively) are projected onto the column span of ``Ω`` by the
+    :class:`pinet.hooks.ProjectToR` hook.
+    """
+
+    def __init__(self, omega: Tensor) -> None:
+        super().__init__()
+        if omega.dim() != 2:
+            raise ValueError(f"FinPiState: omega must be (n, r), got {tuple(omega.shape)}")
+        self.register_buffer("omega", omega)
+        self.register_buffer("gram_inv", torch.linalg.inv(omega.T @ omega))
+
+    @property
+    def width(self) -> int:
+        return self.omega.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.omega.shape[1]
+
+    def project(self, X: Tensor) -> Tensor:
+        """``Ω (G⁻¹ (Ωᵀ X))`` for X (n, ...)."""
+        if X.shape[0] != self.width:
+            raise ValueError(f"project: X must have {self.width} rows, got {tuple(X.shape)}")
+        return F.project(X, self.omega.to(X.dtype), self.gram_inv.to(X.dtype))
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, rank={self.rank}"
