@@ -5,7 +5,7 @@ state modules :class:`PiState` / :class:`FinPiState`, the optimizer wrapper
 :class:`pinet.optim.PiOptimizerWrapper` and the gradient hooks in :mod:`pinet.hooks`.
 """
 
-from . import functional
+from . import compat, functional, hooks, optim
 from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer
 from .models import FinPiMLP, InfPiMLP
 from .state import FinPiState, PiRows, PiState
@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "compat",
+    "hooks",
+    "optim",
     "PiState",
     "PiRows",
     "FinPiState",

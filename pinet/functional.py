@@ -43,15 +43,16 @@ class _JFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c: Tensor) -> Tensor:  # type: ignore[override]
-        c = c.clamp(-1.0, 1.0)
+        # Save the raw input: clamping again in backward keeps double backward connected to it.
         ctx.save_for_backward(c)
+        c = c.clamp(-1.0, 1.0)
         return (torch.sqrt(1.0 - c * c) + torch.arccos(-c) * c) / _TWO_PI
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         (c,) = ctx.saved_tensors
         # Written with differentiable ops so that double backward works away from |c| = 1.
-        return grad * (torch.arccos(-c) / _TWO_PI)
+        return grad * J_prime(c)
 
 
 def J(c: Tensor) -> Tensor:

@@ -1,0 +1,133 @@
+import io
+
+import pytest
+import torch
+
+import pinet
+from pinet import PiState
+
+D = torch.float64
+
+
+def _rows(k, r_in=4, r_out=3, dtype=D):
+    return (
+        torch.randn(k, r_out, dtype=dtype),
+        torch.nn.functional.normalize(torch.randn(k, r_in, dtype=dtype), dim=1),
+        torch.randn(k, dtype=dtype),
+    )
+
+
+def test_append_is_amortised_and_keeps_parameter_identity():
+    st = PiState(4, 3, dtype=D)
+    c = st.c
+    pointers = set()
+    for _ in range(1000):
+        st.append(*_rows(8))
+        pointers.add(st._A.data_ptr())
+    assert st.rows == 8000
+    # Geometric growth (x1.5 from 64) needs ~12 reallocations for 8000 rows, not 1000.
+    assert len(pointers) <= 15
+    assert st.c is c and st.c.shape == (8000,)
+    assert st.A.data_ptr() == st._A.data_ptr()  # views, not copies
+    assert st.c.data_ptr() == st._c.data_ptr()
+
+
+def test_append_values_and_views():
+    st = PiState(4, 3, dtype=D)
+    chunks = [_rows(k) for k in (3, 70, 1)]
+    for A, B, c in chunks:
+        st.append(A, B, c)
+    assert torch.equal(st.A, torch.cat([ch[0] for ch in chunks]))
+    assert torch.equal(st.B, torch.cat([ch[1] for ch in chunks]))
+    assert torch.equal(st.c.detach(), torch.cat([ch[2] for ch in chunks]))
+    st.append(*_rows(2)[:2])
+    assert torch.equal(st.c.detach()[-2:], torch.zeros(2, dtype=D))
+
+
+def test_append_rejects_bad_shapes():
+    st = PiState(4, 3, dtype=D)
+    A, B, c = _rows(5)
+    with pytest.raises(ValueError, match="A_new"):
+        st.append(A[:, :2], B, c)
+    with pytest.raises(ValueError, match="B_new"):
+        st.append(A, B[:4], c)
+    with pytest.raises(ValueError, match="c_new"):
+        st.append(A, B, c[:3])
+
+
+def test_state_dict_round_trip_resizes_and_is_compact():
+    st = PiState(4, 3, dtype=D)
+    for _ in range(70):
+        st.append(*_rows(7))
+    sd = st.state_dict()
+    assert set(sd) == {"A", "B", "c"} and sd["A"].shape == (490, 3)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    # Only the 490 used rows (8 float64 numbers each) are written, not the spare capacity; 4 kB
+    # covers torch.save's zip/pickle overhead, and the whole stores would not fit the bound.
+    bound = 490 * 8 * 8 + 4000
+    assert len(buf.getvalue()) < bound < st.capacity * 8 * 8
+    other = PiState(4, 3, dtype=D)
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert other.rows == 490
+    assert torch.equal(other.A, st.A) and torch.equal(other.B, st.B) and torch.equal(other.c, st.c)
+
+
+def test_load_state_dict_errors_name_the_key():
+    st = PiState(4, 3, dtype=D)
+    st.append(*_rows(5))
+    sd = st.state_dict()
+    bad = dict(sd, B=sd["B"][:4])
+    with pytest.raises(RuntimeError, match="B"):
+        PiState(4, 3, dtype=D).load_state_dict(bad)
+    bad = dict(sd, A=sd["A"][:, :2])
+    with pytest.raises(RuntimeError, match="A: expected shape"):
+        PiState(4, 3, dtype=D).load_state_dict(bad)
+    with pytest.raises(RuntimeError, match="Missing key.*c"):
+        PiState(4, 3, dtype=D).load_state_dict({"A": sd["A"], "B": sd["B"]})
+    with pytest.raises(RuntimeError, match="Unexpected key.*Amult"):
+        PiState(4, 3, dtype=D).load_state_dict(dict(sd, Amult=sd["c"]))
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_to_half_keeps_coefficients_fp32(half):
+    st = PiState(4, 3, dtype=torch.float32)
+    st.append(*_rows(5, dtype=torch.float32))
+    c = st.c
+    st.to(half)
+    assert st.A.dtype == half and st.B.dtype == half
+    assert st.c.dtype == torch.float32 and st.c is c
+    st.append(*_rows(3, dtype=torch.float32))
+    assert st.c.data_ptr() == st._c.data_ptr()
+    st.double()
+    assert st.A.dtype == D and st.c.dtype == D
+    with pytest.raises(ValueError, match="coef_dtype"):
+        PiState(4, 3, coef_dtype=torch.bfloat16)
+
+
+def test_truncate_and_invalid_args():
+    st = PiState(4, 3, dtype=D)
+    st.append(*_rows(5))
+    st.truncate(2)
+    assert st.rows == 2 and st.c.shape == (2,)
+    with pytest.raises(ValueError, match="truncate"):
+        st.truncate(3)
+    with pytest.raises(ValueError, match="r_in"):
+        PiState(0, 3)
+    with pytest.raises(ValueError, match="growth"):
+        PiState(2, 3, growth=1.0)
+
+
+def test_captured_rows_are_dropped_by_zero_grad():
+    net = pinet.InfPiMLP(5, 2, 4, 1, dtype=D)
+    x = torch.randn(3, 5, dtype=D)
+    net(x).sum().backward()
+    st = net.layers[1].state
+    assert st.pending_rows().rows == 3
+    net(x).sum().backward()
+    assert st.pending_rows().rows == 6  # two backward passes: rows concatenate, like .grad sums
+    net.zero_grad()
+    assert st.pending_rows() is None
+    net(x).sum().backward()
+    st.c.grad.zero_()  # zero_grad(set_to_none=False) style
+    assert st.pending_rows() is None
