@@ -51,8 +51,28 @@ class _MLPConfig(nn.Module):
     def layernorm(self) -> bool:
         return self.layers[-1].layernorm
 
+    def _set_structure(self, d_in, d_out, r, depth) -> None:
+        self.d_in, self.d_out, self.r = _check_dim("d_in", d_in), _check_dim("d_out", d_out), _check_dim("r", r)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be a non-negative int (number of hidden π-layers), got {depth!r}")
+        self.depth = depth
+
     def _structure(self) -> dict:
         raise NotImplementedError
+
+    def multipliers(self) -> dict:
+        """Keyword arguments that rebuild this net's multipliers and ``layernorm``."""
+        return dict(
+            first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
+            bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha, layernorm=self.layernorm,
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(b, d_in) -> (b, d_out)."""
+        _check_input(x, self.d_in, type(self).__name__)
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
     def get_extra_state(self) -> dict:
         return {"format": _FORMAT, **self._structure()}
@@ -91,10 +111,7 @@ class InfPiMLP(_MLPConfig):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.d_in, self.d_out, self.r = _check_dim("d_in", d_in), _check_dim("d_out", d_out), _check_dim("r", r)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be a non-negative int (number of hidden π-layers), got {depth!r}")
-        self.depth = depth
+        self._set_structure(d_in, d_out, r, depth)
         _check_mult("first_layer_alpha", first_layer_alpha)
         _check_mult("last_layer_alpha", last_layer_alpha)
         _check_mult("bias_alpha", bias_alpha)
@@ -116,13 +133,6 @@ class InfPiMLP(_MLPConfig):
     def pi_layers(self) -> list[InfPiLayer]:
         """The hidden and output π-layers."""
         return list(self.layers[1:])
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(b, d_in) -> (b, d_out)."""
-        _check_input(x, self.d_in, type(self).__name__)
-        for layer in self.layers:
-            x = layer(x)
-        return x
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Re-initialise every layer (spec initialisation)."""
@@ -161,9 +171,7 @@ class InfPiMLP(_MLPConfig):
         _check_dim("width", width)
         dtype = dtype or self.layers[0].A.dtype
         fin = FinPiMLP(
-            self.d_in, self.d_out, self.r, self.depth, width,
-            first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
-            bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha, layernorm=self.layernorm,
+            self.d_in, self.d_out, self.r, self.depth, width, **self.multipliers(),
             device=self.layers[0].A.device, dtype=dtype, generator=generator, _init=False,
         )  # fmt: skip
         fin._load_sample(self)
@@ -197,10 +205,8 @@ class FinPiMLP(_MLPConfig):
         _init: bool = True,
     ) -> None:
         super().__init__()
-        self.d_in, self.d_out, self.r = _check_dim("d_in", d_in), _check_dim("d_out", d_out), _check_dim("r", r)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be a non-negative int (number of hidden π-layers), got {depth!r}")
-        self.depth, self.width = depth, _check_dim("width", width)
+        self._set_structure(d_in, d_out, r, depth)
+        self.width = _check_dim("width", width)
         last_bias_alpha = bias_alpha if last_bias_alpha is None else last_bias_alpha
         dtype = dtype or torch.get_default_dtype()
         if generator is not None:
@@ -231,13 +237,6 @@ class FinPiMLP(_MLPConfig):
 
     def _structure(self) -> dict:
         return {"d_in": self.d_in, "d_out": self.d_out, "r": self.r, "depth": self.depth, "width": self.width}
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(b, d_in) -> (b, d_out)."""
-        _check_input(x, self.d_in, type(self).__name__)
-        for layer in self.layers:
-            x = layer(x)
-        return x
 
     @property
     def omegas(self) -> list[Tensor]:
