@@ -5,7 +5,7 @@ state modules :class:`PiState` / :class:`FinPiState`, the optimizer wrapper
 :class:`pinet.optim.PiOptimizerWrapper` and the gradient hooks in :mod:`pinet.hooks`.
 """
 
-from . import compat, functional, hooks, optim
+from . import baselines, compat, functional, hooks, optim
 from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer
 from .models import FinPiMLP, InfPiMLP
 from .state import FinPiState, PiRows, PiState
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "functional",
     "compat",
+    "baselines",
     "hooks",
     "optim",
     "PiState",

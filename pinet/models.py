@@ -207,6 +207,8 @@ class FinPiMLP(_MLPConfig):
         super().__init__()
         self._set_structure(d_in, d_out, r, depth)
         self.width = _check_dim("width", width)
+        if width < r:
+            raise ValueError(f"width must be at least r={r} (the projection needs ΩᵀΩ invertible), got {width}")
         last_bias_alpha = bias_alpha if last_bias_alpha is None else last_bias_alpha
         dtype = dtype or torch.get_default_dtype()
         if generator is not None:

@@ -291,6 +291,11 @@ class FinPiState(nn.Module):
         super().__init__()
         if omega.dim() != 2:
             raise ValueError(f"FinPiState: omega must be (n, r), got {tuple(omega.shape)}")
+        if omega.shape[0] < omega.shape[1]:
+            # ΩᵀΩ is singular below n = r: its "inverse" would be garbage, not a projector.
+            raise ValueError(
+                f"FinPiState: width n={omega.shape[0]} must be at least the rank r={omega.shape[1]}"
+            )
         self.register_buffer("omega", omega)
         self.register_buffer("gram_inv", torch.linalg.inv(omega.T @ omega))
 

@@ -154,6 +154,10 @@ def test_bad_inputs_raise_clear_errors():
             pinet.InfPiMLP(**kwargs)
     with pytest.raises(ValueError, match="width"):
         net.sample(0)
+    with pytest.raises(ValueError, match="width must be at least r=5"):
+        net.sample(4)
+    with pytest.raises(ValueError, match="width n=3 must be at least the rank r=4"):
+        pinet.FinPiState(torch.randn(3, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

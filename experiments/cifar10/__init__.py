@@ -1,0 +1,1 @@
+"""CIFAR-10 experiments (``python -m experiments.cifar10.cifar10mlp``)."""

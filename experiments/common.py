@@ -1,0 +1,830 @@
+"""What the experiment commands share: data, model/optimizer construction, the training loop, logging,
+checkpoints (with exact resume) and plots.
+
+The training loop is written once (:func:`train_epoch`, :func:`evaluate`, :func:`fit`) and used by
+``experiments.train``, ``experiments.cifar10.cifar10mlp`` and ``experiments.compare``. It is the
+plain torch loop ``opt.zero_grad(); loss.backward(); opt.step()``, identical for infinite π-nets,
+finite π-nets and the baseline MLP.
+
+Shapes: inputs are flattened to ``(b, d_in)``, labels are ``(b,)`` class indices, network outputs
+``(b, k)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import pinet
+from pinet.hooks import Accumulate, ClipGradNorm
+from pinet.optim import PiOptimizerWrapper, param_groups
+
+__all__ = [
+    "CLIError",
+    "TensorData",
+    "DatasetData",
+    "load_digits_data",
+    "RunResult",
+    "add_training_args",
+    "check_training_args",
+    "precision",
+    "resolve_device",
+    "build_model",
+    "build_optimizer",
+    "make_loss",
+    "train_epoch",
+    "evaluate",
+    "rows_per_layer",
+    "fit",
+    "load_model_file",
+    "run_test",
+    "format_header",
+    "format_row",
+    "plot_history",
+    "write_csv",
+    "cli",
+]
+
+CHECKPOINT_FORMAT = 1
+
+
+class CLIError(Exception):
+    """A user error reported as one line ``prog: error: message`` with exit status 2 (no traceback)."""
+
+
+# ----------------------------------------------------------------------------------------- data
+class TensorData:
+    """An in-memory classification data set: ``X_train`` (N, d), ``y_train`` (N,), ``X_test`` (N', d),
+    ``y_test`` (N',); labels are int64 class indices in ``[0, num_classes)``."""
+
+    def __init__(
+        self, name: str, X_train: Tensor, y_train: Tensor, X_test: Tensor, y_test: Tensor, num_classes: int
+    ) -> None:
+        self.name = name
+        self.X_train, self.y_train, self.X_test, self.y_test = X_train, y_train, X_test, y_test
+        self.d_in = X_train.shape[1]
+        self.d_out = num_classes
+        self.n_train, self.n_test = X_train.shape[0], X_test.shape[0]
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        """Shuffled mini-batches ``(b, d), (b,)``; the order comes from ``generator`` only, so a
+        checkpointed generator state reproduces the next epoch exactly."""
+        perm = torch.randperm(self.n_train, generator=generator)
+        for i in range(0, self.n_train, batch_size):
+            idx = perm[i : i + batch_size]
+            yield self.X_train[idx], self.y_train[idx]
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Test set in order, ``(b, d), (b,)``."""
+        for i in range(0, self.n_test, batch_size):
+            yield self.X_test[i : i + batch_size], self.y_test[i : i + batch_size]
+
+
+class DatasetData:
+    """Classification data from two ``torch.utils.data.Dataset`` s yielding ``(x, label)``; ``x`` is
+    flattened to ``(b, d_in)`` by the loop. Shuffling uses a ``DataLoader`` driven by the given
+    generator (workers: 0, so random augmentations draw from the checkpointed global torch RNG)."""
+
+    def __init__(self, name: str, train_set, test_set, d_in: int, num_classes: int):
+        self.name = name
+        self.train_set, self.test_set = train_set, test_set
+        self.d_in, self.d_out = d_in, num_classes
+        self.n_train, self.n_test = len(train_set), len(test_set)
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]:
+        """A shuffling ``DataLoader`` (order drawn from ``generator``) over the training set."""
+        loader = torch.utils.data.DataLoader
+        return loader(self.train_set, batch_size=batch_size, shuffle=True, generator=generator)
+
+    def test_batches(self, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+        """The test set in order."""
+        return torch.utils.data.DataLoader(self.test_set, batch_size=batch_size, shuffle=False)
+
+
+def load_digits_data(
+    *,
+    test_size: float = 0.2,
+    split_seed: int = 0,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+) -> TensorData:
+    """scikit-learn's ``load_digits`` (1797 8×8 images, 64 features, 10 classes; ships with
+    scikit-learn, no download), split with a fixed stratified shuffle (``split_seed``) into
+    1437 train / 360 test by default and standardised with the *training* mean and std (constant
+    pixels keep std 1). ``train_subset``/``test_subset`` keep the first N of each (already shuffled).
+    Tensors are float64; the loop casts them to the model's dtype."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_size, random_state=split_seed, stratify=y)
+    # Statistics of the whole training split, so that subsets (and --test runs) see the same features.
+    mean = Xtr.mean(axis=0)
+    std = Xtr.std(axis=0)
+    std[std == 0] = 1.0  # the border pixels are always 0 in some splits
+    Xtr, Xte = Xtr[:train_subset], Xte[:test_subset]
+    ytr, yte = ytr[:train_subset], yte[:test_subset]
+    f = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    return TensorData(
+        "digits", f((Xtr - mean) / std), torch.tensor(ytr, dtype=torch.long),
+        f((Xte - mean) / std), torch.tensor(yte, dtype=torch.long), num_classes=10,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _milestones(text: str) -> list[int]:
+    if text.strip() == "":
+        return []
+    try:
+        out = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        msg = f"expected comma-separated epochs like '40' or '30,45', got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if any(m < 1 for m in out) or out != sorted(out):
+        raise argparse.ArgumentTypeError(f"milestones must be increasing positive epochs, got {text!r}")
+    return out
+
+
+def add_training_args(
+    parser: argparse.ArgumentParser,
+    defaults: dict[str, Any],
+    *,
+    default_precision: str,
+    single_run: bool = True,
+) -> None:
+    """Add the flags shared by ``experiments.train`` and ``experiments.cifar10.cifar10mlp``
+    (the reference script's flags, same names and meanings). ``defaults`` overrides defaults by
+    destination name; ``default_precision`` is ``"float32"`` or ``"half"`` (without ``--float``).
+    ``single_run=False`` (``experiments.compare``) leaves out the flags of one training run
+    (``--width``, ``--save-dir``, ``--save-model``, ``--resume``, ``--stop-after``, ``--test``,
+    ``--model-path``) and sets them to their neutral values."""
+    d = defaults
+    net = parser.add_argument_group("network")
+    arg = net.add_argument
+    if single_run:
+        arg("--width", type=int, default=d.get("width", 0),
+            help="0: the infinite π-net; N > 0: the finite π-net of width N sampled from the same "
+                 "initialisation (same --seed gives the same infinite net, then .sample(N))")
+    else:
+        parser.set_defaults(width=0, save_dir="", save_model=False, resume=None, stop_after=None, test=False,
+                            model_path=None)
+    arg("--r", type=int, default=d.get("r", 64), help="rank r of the π-net")
+    arg("--depth", type=int, default=d.get("depth", 1),
+        help="number of HIDDEN π-layers, as in the reference library (its L): the net has an input layer, "
+             "DEPTH hidden π-layers and an output π-layer, i.e. DEPTH+1 ReLUs")
+    arg("--first-layer-alpha", type=float, default=d.get("first_layer_alpha", 1.0),
+        help="multiplier α_in on the input layer's output")
+    arg("--last-layer-alpha", type=float, default=d.get("last_layer_alpha", 1.0),
+        help="multiplier α_out on the network output")
+    arg("--bias-alpha", type=float, default=d.get("bias_alpha", 1.0),
+        help="multiplier β on every bias; 0 builds no biases")
+    arg("--last-bias-alpha", type=float, default=None, help="output-bias multiplier (None: --bias-alpha)")
+    arg("--layernorm", action="store_true", help="π-layers see only the direction of their input")
+    arg("--chunk-size", type=int, default=None,
+        help="evaluate infinite layers CHUNK_SIZE rows of M at a time (bounds b×M temporaries)")
+
+    opt = parser.add_argument_group("optimisation: torch.optim.SGD wrapped by pinet.optim.PiOptimizerWrapper")
+    arg = opt.add_argument
+    arg("--lr", type=float, default=d.get("lr", 1.0), help="learning rate")
+    arg("--wd", type=float, default=d.get("wd", 0.0), help="weight decay")
+    arg("--momentum", type=float, default=d.get("momentum", 0.0), help="SGD momentum")
+    arg("--dampening", type=float, default=0.0, help="SGD dampening")
+    arg("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum > 0, --dampening 0)")
+    arg("--batch-size", type=int, default=d.get("batch_size", 32), help="training batch size")
+    arg("--test-batch-size", type=int, default=d.get("test_batch_size", 1000), help="evaluation batch size")
+    arg("--epochs", type=int, default=d.get("epochs", 6), help="number of epochs")
+    arg("--first-layer-lr-mult", type=float, default=d.get("first_layer_lr_mult", 1.0),
+        help="learning-rate multiplier of the input layer's weights")
+    arg("--last-layer-lr-mult", type=float, default=d.get("last_layer_lr_mult", 1.0),
+        help="learning-rate multiplier of the output layer's weights")
+    arg("--bias-lr-mult", type=float, default=d.get("bias_lr_mult", 1.0), help="lr multiplier of the biases")
+    arg("--apply-lr-mult-to-wd", action=argparse.BooleanOptionalAction,
+        default=d.get("apply_lr_mult_to_wd", True),
+        help="--no-apply-lr-mult-to-wd (the reference flag) divides each group's weight decay by its lr "
+             "multiplier, so that lr*wd is the same in every group")
+    arg("--gclip", type=float, default=d.get("gclip", 0.0),
+        help="clip the gradient norm (π-layers by their ‖Δ‖) to GCLIP; 0 disables")
+    arg("--gclip-per-param", action=argparse.BooleanOptionalAction, default=d.get("gclip_per_param", False),
+        help="clip each parameter / π-layer by its own norm instead of the global norm")
+    arg("--accum-steps", type=int, default=1, help="accumulate gradients over ACCUM_STEPS batches per update")
+    arg("--scheduler", type=str.lower, default="none", choices=["none", "cosine", "multistep"],
+        help="learning-rate schedule, stepped per epoch: cosine decays to 0 over --epochs, multistep "
+             "multiplies by --lr-drop-ratio at each of --lr-drop-milestones")
+    arg("--lr-drop-ratio", type=float, default=0.5, help="multistep factor")
+    arg("--lr-drop-milestones", type=_milestones, default=[],
+        help="comma-separated epochs at which multistep drops the learning rate, e.g. 40 or 30,45")
+    arg("--loss", type=str.lower, default=d.get("loss", "xent"), choices=["xent", "mse"],
+        help="xent: cross-entropy; mse: mean squared error to one-hot targets minus 1/k")
+    arg("--seed", type=int, default=0, help="seed of the initialisation and of the data order")
+
+    prec = parser.add_argument_group("precision and device")
+    arg = prec.add_argument
+    if default_precision == "half":
+        fhelp = ("float32 everywhere (reference flag; without it the infinite net stores its π-rows in "
+                 "float16 and computes in float32, finite nets use float32)")
+    else:
+        fhelp = "float32 everywhere (already the default here; accepted as in the reference command)"
+    arg("--float", action="store_true", help=fhelp)
+    arg("--float64", action="store_true", help="float64 everywhere (exact-resume checks)")
+    arg("--cuda", action="store_true", help="run on the GPU (an error if CUDA is not available)")
+    arg("--threads", type=int, default=None,
+        help="torch CPU threads (None: torch's choice). On a machine shared with other jobs --threads 1 "
+             "avoids OpenMP oversubscription, which can slow small steps down many times")
+    parser.set_defaults(_default_precision=default_precision)
+
+    io = parser.add_argument_group("outputs, checkpoints, evaluation" if single_run else "data subsets")
+    arg = io.add_argument
+    arg("--train-subset", type=int, default=None, help="use only the first N training examples")
+    arg("--test-subset", type=int, default=None, help="use only the first N test examples")
+    if not single_run:
+        return
+    arg("--save-dir", type=str, default=d.get("save_dir", ""),
+        help="directory for log.csv and checkpoint.pt (written every epoch) and curves.png (at the end); "
+             "empty: write nothing")
+    arg("--save-model", action="store_true",
+        help="also write model.pt every epoch (the state dict; InfPiMLP.from_state_dict loads it)")
+    arg("--resume", type=str, default=None, metavar="PATH",
+        help="continue from a checkpoint.pt (model, optimizer, scheduler, epoch, RNG); training flags come "
+             "from the checkpoint, --epochs may be raised (a cosine schedule keeps its original length)")
+    arg("--stop-after", type=int, default=None, metavar="EPOCH",
+        help="stop after this epoch as if interrupted (the schedule still follows --epochs); continue later "
+             "with --resume")
+    arg("--test", action="store_true", help="only evaluate the model in --model-path on the test set")
+    arg("--model-path", type=str, default=None, help="model.pt or checkpoint.pt to evaluate with --test")
+
+
+def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad values with ``parser.error`` (usage + one line naming the flag, exit status 2)."""
+
+    def bad(flag, msg):
+        parser.error(f"argument {flag}: {msg}")
+
+    def values(*names):
+        return [("--" + n.replace("_", "-"), getattr(args, n)) for n in names]
+
+    for flag, v in values("r", "batch_size", "test_batch_size", "accum_steps"):
+        if v < 1:
+            bad(flag, f"must be a positive integer, got {v}")
+    for flag, v in values("width", "depth", "epochs"):
+        if v < 0:
+            bad(flag, f"must be >= 0, got {v}")
+    if 0 < args.width < args.r:
+        # The finite π-net projects gradients onto the r-dimensional column span of Ω (n × r):
+        # with n < r, ΩᵀΩ is singular and there is no such projection.
+        bad("--width", f"a finite π-net needs width >= r (got --width {args.width} < --r {args.r})")
+    for flag, v in values("lr", "wd", "momentum", "gclip", "first_layer_lr_mult", "last_layer_lr_mult",
+                          "bias_lr_mult", "lr_drop_ratio"):  # fmt: skip
+        if not math.isfinite(v) or v < 0:
+            bad(flag, f"must be a finite number >= 0, got {v}")
+    for flag, v in values("first_layer_alpha", "last_layer_alpha", "bias_alpha", "last_bias_alpha"):
+        if v is not None and not math.isfinite(v):
+            bad(flag, f"must be finite, got {v}")
+    for flag, v in values("threads", "chunk_size", "train_subset", "test_subset", "stop_after"):
+        if v is not None and v < 1:
+            bad(flag, f"must be a positive integer, got {v}")
+    if not 0.0 <= args.dampening <= 1.0:
+        bad("--dampening", f"must be in [0, 1], got {args.dampening}")
+    if args.nesterov and (args.momentum <= 0 or args.dampening != 0):
+        bad("--nesterov", "needs --momentum > 0 and --dampening 0 (torch.optim.SGD)")
+    if args.scheduler == "multistep" and not args.lr_drop_milestones:
+        bad("--scheduler", "multistep needs --lr-drop-milestones (e.g. --lr-drop-milestones 40)")
+    if args.lr_drop_milestones and args.scheduler != "multistep":
+        bad("--lr-drop-milestones", "only used with --scheduler multistep")
+    if args.float and args.float64:
+        bad("--float64", "not allowed together with --float")
+    if args.test and not args.model_path:
+        bad("--test", "needs --model-path PATH (a model.pt or checkpoint.pt to evaluate)")
+    if args.model_path and not args.test:
+        bad("--model-path", "is only used with --test")
+    if args.test and args.resume:
+        bad("--resume", "not allowed together with --test")
+    if args.resume and not os.path.isfile(args.resume):
+        bad("--resume", f"no such checkpoint file: {args.resume}")
+    if args.model_path and not os.path.isfile(args.model_path):
+        bad("--model-path", f"no such file: {args.model_path}")
+
+
+def precision(args) -> tuple[torch.dtype, torch.dtype]:
+    """``(storage dtype of the infinite net's π-rows, dtype of everything else)`` from the flags."""
+    if args.float64:
+        return torch.float64, torch.float64
+    if args.float or args._default_precision == "float32":
+        return torch.float32, torch.float32
+    return torch.float16, torch.float32
+
+
+def resolve_device(args) -> torch.device:
+    """``cuda`` with ``--cuda`` (a :class:`CLIError` if there is no usable GPU), else ``cpu``."""
+    if args.cuda:
+        if not torch.cuda.is_available():
+            raise CLIError("--cuda was given but CUDA is not available on this machine; run without --cuda "
+                           "(on CPU the reference README also adds --float)")  # fmt: skip
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------- model, optimizer
+def build_model(args, d_in: int, d_out: int, device: torch.device) -> nn.Module:
+    """The infinite π-MLP initialised from ``--seed`` or, with ``--width N``, its finite sample.
+
+    The same seed always gives the same infinite initialisation; the finite net is ``.sample(N)``
+    of it (``Ω`` drawn from the same generator afterwards).
+    """
+    storage, compute = precision(args)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    inf = pinet.InfPiMLP(
+        d_in, d_out, args.r, args.depth,
+        first_layer_alpha=args.first_layer_alpha, last_layer_alpha=args.last_layer_alpha,
+        bias_alpha=args.bias_alpha, last_bias_alpha=args.last_bias_alpha, layernorm=args.layernorm,
+        chunk_size=args.chunk_size, device=device, dtype=storage,
+    )  # fmt: skip
+    inf.reset_parameters(gen)
+    if args.width:
+        return inf.sample(args.width, generator=gen, dtype=compute)
+    return inf
+
+
+def build_optimizer(args, model: nn.Module) -> tuple[PiOptimizerWrapper, Any]:
+    """SGD over :func:`pinet.optim.param_groups` wrapped with the accumulate/clip hooks, and the
+    per-epoch learning-rate scheduler (or ``None``)."""
+    groups = param_groups(
+        model, args.lr, args.wd, args.first_layer_lr_mult, args.last_layer_lr_mult, args.bias_lr_mult,
+        apply_lr_mult_to_wd=args.apply_lr_mult_to_wd,
+    )  # fmt: skip
+    sgd = torch.optim.SGD(
+        groups, lr=args.lr, momentum=args.momentum, dampening=args.dampening, nesterov=args.nesterov
+    )
+    hooks = []
+    if args.accum_steps > 1:
+        hooks.append(Accumulate(args.accum_steps))  # before clipping: clip the accumulated gradient
+    if args.gclip > 0:
+        hooks.append(ClipGradNorm(args.gclip, per_param=args.gclip_per_param))
+    opt = PiOptimizerWrapper(sgd, model, hooks=hooks)
+    if args.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.epochs, 1))
+    elif args.scheduler == "multistep":
+        sched = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=args.lr_drop_milestones, gamma=args.lr_drop_ratio
+        )
+    else:
+        sched = None
+    return opt, sched
+
+
+def make_loss(kind: str, num_classes: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """``loss(out (b, k), y (b,)) -> 0-dim``: ``"xent"`` cross-entropy, ``"mse"`` mean squared error
+    to one-hot targets minus ``1/k`` (the reference's ``one_hot - 0.1`` for 10 classes)."""
+    if kind == "xent":
+        return F.cross_entropy
+    if kind == "mse":
+        def mse(out: Tensor, y: Tensor) -> Tensor:
+            target = F.one_hot(y, num_classes).to(out.dtype) - 1.0 / num_classes
+            return F.mse_loss(out, target)
+
+        return mse
+    raise ValueError(f"make_loss: kind must be 'xent' or 'mse', got {kind!r}")
+
+
+def rows_per_layer(model: nn.Module) -> list[int]:
+    """``M`` of every π-layer of an infinite net (hidden then output); ``[]`` for finite nets."""
+    return [m.rows for m in model.modules() if isinstance(m, pinet.PiState)]
+
+
+# ------------------------------------------------------------------------------------- the loop
+def _to(x: Tensor, y: Tensor, device, dtype) -> tuple[Tensor, Tensor]:
+    return x.reshape(x.shape[0], -1).to(device=device, dtype=dtype), y.to(device)
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    opt: torch.optim.Optimizer,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    device=None,
+    dtype=torch.float32,
+    progress=None,
+) -> dict[str, float]:
+    """One pass of ``zero_grad; backward; step`` over ``batches``. Returns the example-weighted
+    mean ``loss`` and ``acc`` of the training batches (measured before each step) and the mean
+    gradient norm ``grad_norm`` (when the optimizer reports one). ``progress``: an optional tqdm bar
+    updated per batch. A non-finite gradient raises ``FloatingPointError`` with the step number."""
+    model.train()
+    total = correct = 0
+    loss_sum = 0.0
+    norms = []
+    for step, (x, y) in enumerate(batches):
+        x, y = _to(x, y, device, dtype)
+        out = model(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad()
+        loss.backward()
+        try:
+            opt.step()
+        except FloatingPointError as e:
+            raise FloatingPointError(f"step {step + 1}: {e}") from None
+        stats = getattr(getattr(opt, "ctx", None), "stats", {})
+        if "grad_norm" in stats:
+            norms.append(stats["grad_norm"])
+        b = y.shape[0]
+        loss_sum += loss.item() * b
+        correct += (out.argmax(1) == y).sum().item()
+        total += b
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return {
+        "loss": loss_sum / max(total, 1),
+        "acc": correct / max(total, 1),
+        "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], loss_fn, *, device=None, dtype=torch.float32
+) -> dict[str, float]:
+    """Example-weighted mean ``loss`` and ``acc`` (plus ``n``, ``correct``) over ``batches``."""
+    model.eval()
+    total = correct = 0
+    loss_sum = 0.0
+    for x, y in batches:
+        x, y = _to(x, y, device, dtype)
+        out = model(x)
+        loss_sum += loss_fn(out, y).item() * y.shape[0]
+        correct += (out.argmax(1) == y).sum().item()
+        total += y.shape[0]
+    return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1), "n": total, "correct": correct}
+
+
+# ---------------------------------------------------------------------------------- logging, plots
+_COLUMNS = [("epoch", 5), ("train_loss", 10), ("train_acc", 9), ("test_loss", 9), ("test_acc", 8),
+            ("lr", 9), ("grad_norm", 9), ("M", 15), ("time", 7)]  # fmt: skip
+
+
+def format_header() -> str:
+    """The per-epoch table header (``M``: π-rows per infinite layer, ``time``: epoch seconds)."""
+    return "  ".join(name.rjust(w) for name, w in _COLUMNS)
+
+
+def format_row(row: dict) -> str:
+    """One history row as a table line."""
+    M = ",".join(str(m) for m in row.get("rows", [])) or "-"
+    vals = {
+        "epoch": str(row["epoch"]),
+        "train_loss": f"{row['train_loss']:.4f}",
+        "train_acc": f"{100 * row['train_acc']:.2f}%",
+        "test_loss": f"{row['test_loss']:.4f}",
+        "test_acc": f"{100 * row['test_acc']:.2f}%",
+        "lr": f"{row['lr']:.3g}",
+        "grad_norm": f"{row['grad_norm']:.3g}",
+        "M": M,
+        "time": f"{row['epoch_time']:.1f}s",
+    }
+    return "  ".join(vals[name].rjust(w) for name, w in _COLUMNS)
+
+
+def write_csv(history: list[dict], path: str) -> None:
+    """Write ``history`` as CSV: epoch, train/test loss and accuracy, lr, grad_norm, ``M_layer{i}``
+    (π-rows of layer i of an infinite net), epoch_time, elapsed (seconds)."""
+    n_layers = max((len(r.get("rows", [])) for r in history), default=0)
+    fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "grad_norm"]
+    fields += [f"M_layer{i + 1}" for i in range(n_layers)] + ["epoch_time", "elapsed"]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in history:
+            out = {k: r[k] for k in fields if k in r}
+            out.update({f"M_layer{i + 1}": m for i, m in enumerate(r.get("rows", []))})
+            w.writerow(out)
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict], path: str, title: str = "") -> None:
+    """PNG with the learning curves (train/test loss and accuracy per epoch) and, for infinite nets,
+    the number of π-rows ``M`` of each layer per epoch (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax = axes[0]
+    ax.plot(ep, [r["train_loss"] for r in history], "o-", label="train")
+    ax.plot(ep, [r["test_loss"] for r in history], "s-", label="test")
+    ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(ep, [100 * r["train_acc"] for r in history], "o-", label="train")
+    ax.plot(ep, [100 * r["test_acc"] for r in history], "s-", label="test")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ax.legend()
+    ax = axes[2]
+    rows = [r.get("rows", []) for r in history]
+    if rows and rows[-1]:
+        for i in range(len(rows[-1])):
+            name = f"π-layer {i + 1}" + (" (output)" if i == len(rows[-1]) - 1 else "")
+            ax.plot(ep, [m[i] for m in rows], "o-", label=name)
+        ax.set(xlabel="epoch", ylabel="rows M", title="state size M per π-layer")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "finite net: fixed size", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title="state size M per π-layer", xticks=[], yticks=[])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def _save(obj, path: str) -> None:
+    # Write then rename: an interrupted save never leaves a truncated checkpoint behind.
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: str, what: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise CLIError(f"cannot read {what} {path}: {type(e).__name__}: {first_line}") from None
+    if not isinstance(obj, dict):
+        raise CLIError(f"{what} {path} does not contain a dict (got {type(obj).__name__})")
+    return obj
+
+
+def load_model_file(path: str, device=None) -> nn.Module:
+    """Rebuild a π-MLP from ``model.pt`` (a state dict) or ``checkpoint.pt`` (its ``"model"``):
+    :class:`pinet.InfPiMLP` or :class:`pinet.FinPiMLP`, structure and multipliers from the file."""
+    sd = _load(path, "model file")
+    if "model" in sd and "format" in sd:
+        sd = sd["model"]
+    extra = sd.get("_extra_state")
+    if not isinstance(extra, dict) or "depth" not in extra:
+        raise CLIError(f"{path} is not a pinet π-MLP state dict (no '_extra_state' with the structure)")
+    try:
+        if "width" in extra:
+            first = sd["layers.0._extra_state"]
+            last = sd[f"layers.{extra['depth'] + 1}._extra_state"]
+            net = pinet.FinPiMLP(
+                extra["d_in"], extra["d_out"], extra["r"], extra["depth"], extra["width"],
+                first_layer_alpha=first["alpha"], last_layer_alpha=last["alpha"],
+                bias_alpha=first["bias_alpha"], last_bias_alpha=last["bias_alpha"],
+                layernorm=last["layernorm"], device=device,
+                dtype=sd["layers.0.weight"].dtype,
+            )  # fmt: skip
+            net.load_state_dict(sd)
+        else:
+            net = pinet.InfPiMLP.from_state_dict(sd, device=device)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CLIError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    return net
+
+
+# On --resume, flags that are not part of the training itself always come from the command line,
+# --epochs and --save-dir from the command line when given (else from the checkpoint / its
+# directory), and every other flag from the checkpoint (giving a different value is an error).
+_CLI_ONLY = {"resume", "no_progress", "human", "test", "model_path", "_default_precision", "threads",
+             "chunk_size", "cuda", "data", "download", "save_model", "test_batch_size", "stop_after"}
+_CHANGEABLE = {"epochs", "save_dir"}
+
+
+def _merge_resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict):
+    merged = argparse.Namespace(**vars(args))
+    for key, old in saved.items():
+        if key in _CLI_ONLY or not hasattr(args, key):
+            continue
+        new = getattr(args, key)
+        explicit = new != parser.get_default(key)
+        if key in _CHANGEABLE and explicit:
+            continue
+        if explicit and new != old:
+            flag = "--" + key.replace("_", "-")
+            raise CLIError(f"{flag} {new} conflicts with the checkpoint ({flag} {old}); a resumed run keeps "
+                           "its training flags (only --epochs, --save-dir and output flags may change)")
+        setattr(merged, key, old)
+    if not (args.save_dir and args.save_dir != parser.get_default("save_dir")):
+        merged.save_dir = os.path.dirname(os.path.abspath(args.resume))
+    return merged
+
+
+def _rng_state(data_gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, data_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ------------------------------------------------------------------------------------ the driver
+@dataclass
+class RunResult:
+    """What :func:`fit` returns: the per-epoch ``history`` rows, the trained ``model`` and where
+    files were written (``save_dir``, ``""`` if nowhere)."""
+
+    history: list[dict]
+    model: nn.Module
+    save_dir: str
+
+
+def fit(
+    args: argparse.Namespace,
+    data,
+    *,
+    device: torch.device,
+    checkpoint: dict | None = None,
+    progress: bool = True,
+    quiet: bool = False,
+    title: str = "",
+    model: nn.Module | None = None,
+) -> RunResult:
+    """Train per ``args`` (the shared flags) on ``data`` (:class:`TensorData`/:class:`DatasetData`).
+
+    Prints a table row per epoch; with ``args.save_dir`` writes ``log.csv`` and ``checkpoint.pt``
+    every epoch (and ``model.pt`` with ``args.save_model``) and ``curves.png`` at the end.
+    ``checkpoint`` (a loaded ``checkpoint.pt``) continues a run exactly: model, optimizer and hook
+    state, scheduler, epoch, history, torch/data/python RNG states. ``model``: train this model
+    instead of the π-MLP that ``args`` describes (e.g. a :class:`pinet.baselines.MLP`, in its own
+    dtype).
+    """
+    storage, compute = precision(args)
+    if model is None:
+        model = build_model(args, data.d_in, data.d_out, device)
+        kind = f"finite π-MLP, width {args.width}" if args.width else "infinite π-MLP"
+    else:
+        compute = next(model.parameters()).dtype
+        kind = type(model).__name__ + (f", width {model.width}" if hasattr(model, "width") else "")
+    opt, sched = build_optimizer(args, model)
+    loss_fn = make_loss(args.loss, data.d_out)
+    data_gen = torch.Generator().manual_seed(args.seed + 1)  # data order: its own stream
+    history: list[dict] = []
+    start = 0
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+            opt.load_state_dict(checkpoint["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(checkpoint["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CLIError(f"cannot restore the checkpoint: {str(e).splitlines()[0]}") from None
+        _set_rng_state(checkpoint["rng"], data_gen)
+        history = list(checkpoint["history"])
+        start = int(checkpoint["epoch"])
+    else:
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+
+    save_dir = args.save_dir
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    say = (lambda *a: None) if quiet else print
+    say(f"{kind}: r={args.r}, depth={args.depth} hidden π-layer(s), {data.name}: {data.n_train} train / "
+        f"{data.n_test} test, {data.d_in} features, {data.d_out} classes, {compute}"
+        + (f" (π-rows {storage})" if rows_per_layer(model) and storage != compute else "")
+        + f", {device}")  # fmt: skip
+    if start:
+        say(f"resumed from {args.resume} at epoch {start}")
+    if checkpoint is not None and start >= args.epochs:
+        say(f"nothing to do: the checkpoint is at epoch {start} and --epochs is {args.epochs}")
+    say(format_header())
+    for row in history:
+        say(format_row(row))
+    steps = math.ceil(data.n_train / args.batch_size)
+    elapsed = history[-1]["elapsed"] if history else 0.0
+    end = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+    for epoch in range(start, end):
+        t0 = time.perf_counter()
+        group = opt.param_groups[0]
+        # The base learning rate now: schedulers scale every group by the same factor.
+        lr = args.lr * group["lr"] / group["initial_lr"] if group.get("initial_lr") else args.lr
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            desc = f"epoch {epoch + 1}/{args.epochs}"
+            bar = tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        try:
+            tr = train_epoch(model, data.train_batches(args.batch_size, data_gen), opt, loss_fn,
+                             device=device, dtype=compute, progress=bar)  # fmt: skip
+        except FloatingPointError as e:
+            msg = f"training diverged in epoch {epoch + 1}, {e}; lower --lr or clip with --gclip"
+            raise CLIError(msg) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        if sched is not None:
+            sched.step()
+        te = evaluate(model, data.test_batches(args.test_batch_size), loss_fn, device=device, dtype=compute)
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        row = {
+            "epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "test_loss": te["loss"],
+            "test_acc": te["acc"], "lr": lr, "grad_norm": tr["grad_norm"], "rows": rows_per_layer(model),
+            "epoch_time": dt, "elapsed": elapsed,
+        }  # fmt: skip
+        history.append(row)
+        say(format_row(row))
+        if save_dir:
+            ckpt = {
+                "format": CHECKPOINT_FORMAT, "args": _plain_args(args), "epoch": epoch + 1,
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "rng": _rng_state(data_gen), "history": history,
+            }  # fmt: skip
+            _save(ckpt, os.path.join(save_dir, "checkpoint.pt"))
+            if args.save_model:
+                _save(model.state_dict(), os.path.join(save_dir, "model.pt"))
+            write_csv(history, os.path.join(save_dir, "log.csv"))
+    if save_dir and history:
+        plot_history(history, os.path.join(save_dir, "curves.png"), title or f"{kind} on {data.name}")
+        files = "log.csv, curves.png, checkpoint.pt" + (", model.pt" if args.save_model else "")
+        say(f"wrote {files} in {save_dir} (resume with --resume {os.path.join(save_dir, 'checkpoint.pt')})")
+    return RunResult(history, model, save_dir)
+
+
+def _plain_args(args: argparse.Namespace) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def run_test(args, data, device: torch.device) -> dict[str, float]:
+    """``--test --model-path``: evaluate a saved model on the test set and print one line."""
+    model = load_model_file(args.model_path, device=device)
+    if model.d_in != data.d_in or model.d_out != data.d_out:
+        raise CLIError(f"the model in {args.model_path} maps {model.d_in} -> {model.d_out} features but the "
+                       f"data has {data.d_in} features and {data.d_out} classes")
+    dtype = model.layers[0].A.dtype if hasattr(model.layers[0], "A") else model.layers[0].weight.dtype
+    loss_fn = make_loss(args.loss, data.d_out)
+    res = evaluate(model, data.test_batches(args.test_batch_size), loss_fn, device=device, dtype=dtype)
+    rows = rows_per_layer(model)
+    print(f"test: loss {res['loss']:.4f}, accuracy {100 * res['acc']:.2f}% ({res['correct']}/{res['n']}), "
+          f"model {args.model_path}" + (f" (M per π-layer: {','.join(map(str, rows))})" if rows else ""))
+    return res
+
+
+def cli(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    make_data: Callable[[argparse.Namespace], Any],
+    *,
+    progress: Callable[[argparse.Namespace], bool],
+) -> RunResult | dict | None:
+    """Parse ``argv``, validate, optionally resume, load data, then train (or ``--test``).
+
+    User errors print ``prog: error: ...`` on one line and raise ``SystemExit(2)``; a
+    ``KeyboardInterrupt`` says how to resume and exits 130.
+    """
+    args = parser.parse_args(argv)
+    check_training_args(parser, args)
+    try:
+        checkpoint = None
+        if args.resume:
+            checkpoint = _load(args.resume, "checkpoint")
+            if checkpoint.get("format") != CHECKPOINT_FORMAT or "args" not in checkpoint:
+                raise CLIError(f"{args.resume} is not a checkpoint.pt written by this program "
+                               "(model files are evaluated with --test --model-path)")
+            args = _merge_resume_args(parser, args, checkpoint["args"])
+        device = resolve_device(args)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        data = make_data(args)
+        if args.test:
+            return run_test(args, data, device)
+        return fit(args, data, device=device, checkpoint=checkpoint, progress=progress(args))
+    except CLIError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        where = os.path.join(args.save_dir, "checkpoint.pt") if args.save_dir else None
+        hint = f"; resume with --resume {where}" if where and os.path.exists(where) else ""
+        print(f"\n{parser.prog}: interrupted{hint}", file=sys.stderr)
+        raise SystemExit(130) from None
