@@ -1,0 +1,224 @@
+"""Equivalence experiment: an infinite π-net and finite π-nets sampled from it, trained side by side.
+
+    python -m experiments.equivalence                      # d1-sgd, widths 256..4096, 10 seeds
+    python -m experiments.equivalence --config d1-momentum-mix --widths 256,1024,4096,16384
+
+For every seed, one infinite net is trained, and for every width ``--omegas`` finite nets sampled
+from it before training are trained on the same batches with the same wrapped optimizer (the
+harness of the equivalence tests, ``tests/equivalence/helpers.py``; configurations by name from
+its ``RATE_CONFIGS``). Writes ``<out>/<name>.png``: the loss curves of the first seed (infinite
+dashed, finite per width) and the error against width with an n^-1/2 line; and
+``<out>/<name>.md`` / ``<out>/<name>.csv``: the error table (relative errors of held-out outputs
+after training, of the loss curve and of the gradient-norm curve; mean, geometric mean and
+spread over seeds, and fitted log-log slopes). Runs in float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    from tests.equivalence import helpers as H
+except ImportError:  # run from elsewhere: the harness lives in the repository's tests/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.equivalence import helpers as H
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.equivalence", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="d1-sgd", choices=sorted(H.RATE_CONFIGS), help="training configuration")
+    p.add_argument("--widths", default="256,1024,4096", help="comma-separated widths of the finite nets")
+    p.add_argument("--seeds", type=int, default=10, help="data/initialisation seeds (one infinite net each)")
+    p.add_argument("--omegas", type=int, default=1, help="finite nets (independent Ω) per width and seed")
+    p.add_argument("--out", default="docs", help="output directory")
+    p.add_argument("--name", default="equivalence", help="file name stem of the figure and tables")
+    p.add_argument(
+        "--all-configs", action="store_true",
+        help="instead: run every configuration of the rate tests (widths, --seeds) and write the "
+        "table of errors and slopes per configuration to <out>/<name>_rates.md",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def run(cfg: H.TrainConfig, widths: list[int], seeds: int, omegas: int, progress: bool = True) -> dict:
+    """Train everything. Returns ``{"inf_losses": [S] per seed, "fin_losses": {w: [[S] per Ω] per
+    seed}, "err": {which: {w: [error per (seed, Ω)]}}, "seconds": {w: total}}``."""
+    from tqdm import tqdm
+
+    out = {
+        "inf_losses": [],
+        "fin_losses": {w: [] for w in widths},
+        "err": {k: {w: [] for w in widths} for k in ("out", "loss", "gnorm")},
+        "seconds": {w: 0.0 for w in widths},
+    }
+    bar = tqdm(total=seeds * len(widths) * omegas, disable=not progress, desc=cfg.name, unit="net")
+    for seed in range(seeds):
+        init, inf, task = H.train_infinite(cfg, seed)
+        out["inf_losses"].append(inf.losses)
+        for w in widths:
+            curves = []
+            for j in range(omegas):
+                bar.set_postfix(seed=seed, width=w)
+                t0 = time.perf_counter()
+                fin = H.train_finite(init, cfg, task, seed, w, j)
+                out["seconds"][w] += time.perf_counter() - t0
+                curves.append(fin.losses)
+                out["err"]["out"][w].append(H.rel_error(fin.outputs, inf.outputs))
+                out["err"]["loss"][w].append(H.rel_error(fin.losses, inf.losses))
+                out["err"]["gnorm"][w].append(H.rel_error(fin.grad_norms, inf.grad_norms))
+                bar.update()
+            out["fin_losses"][w].append(curves)
+    bar.close()
+    return out
+
+
+def _geo(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def table_rows(res: dict, widths: list[int]) -> list[dict]:
+    """One row per width: mean / geometric mean / std of each error, seconds per finite run."""
+    rows = []
+    for w in widths:
+        row = {"width": w}
+        for which in ("out", "loss", "gnorm"):
+            xs = res["err"][which][w]
+            mean = sum(xs) / len(xs)
+            row[f"{which}_mean"] = mean
+            row[f"{which}_geo"] = _geo(xs)
+            row[f"{which}_std"] = math.sqrt(sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1))
+        row["runs"] = len(res["err"]["out"][w])
+        row["sec_per_run"] = res["seconds"][w] / row["runs"]
+        rows.append(row)
+    return rows
+
+
+def write_tables(rows: list[dict], widths: list[int], cfg: H.TrainConfig, out: Path, name: str, seeds: int, omegas: int) -> Path:
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    slopes = {
+        which: (H.fit_slope(widths, [r[f"{which}_mean"] for r in rows]), H.fit_slope(widths, [r[f"{which}_geo"] for r in rows]))
+        for which in ("out", "loss", "gnorm")
+    }
+    lines = [
+        f"Configuration `{cfg.name}` ({cfg.short()}); {seeds} seeds × {omegas} finite net(s) per width; "
+        f"float64. Relative errors against the infinite net: outputs on {cfg.test} held-out points after "
+        f"{cfg.steps} steps, the loss curve, the gradient-norm curve. Mean ± std and geometric mean over runs.",
+        "",
+        "| width | output error | (geo) | loss-curve error | (geo) | grad-norm error | (geo) | s / run |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['width']} | {r['out_mean']:.4f} ± {r['out_std']:.4f} | {r['out_geo']:.4f} "
+            f"| {r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {r['loss_geo']:.4f} "
+            f"| {r['gnorm_mean']:.4f} ± {r['gnorm_std']:.4f} | {r['gnorm_geo']:.4f} | {r['sec_per_run']:.2f} |"
+        )
+    lines.append(
+        "| log-log slope | {:.2f} | {:.2f} | {:.2f} | {:.2f} | {:.2f} | {:.2f} | |".format(
+            *[v for which in ("out", "loss", "gnorm") for v in slopes[which]]
+        )
+    )
+    path = out / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(res: dict, rows: list[dict], widths: list[int], cfg: H.TrainConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.cm.viridis([i / max(1, len(widths) - 1) * 0.85 for i in range(len(widths))])
+    steps = range(1, cfg.steps + 1)
+    for w, c in zip(widths, colors):
+        for j, curve in enumerate(res["fin_losses"][w][0]):
+            ax1.plot(steps, curve.numpy(), color=c, lw=1.4, alpha=0.9, label=f"finite, n = {w}" if j == 0 else None)
+    ax1.plot(steps, res["inf_losses"][0].numpy(), "k--", lw=2, label="infinite (π-limit)")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("training loss (batch before update)")
+    ax1.set_title(f"loss curves, seed 0 ({cfg.name})")
+    ax1.legend(frameon=False)
+    for which, marker, label in (("out", "o", "held-out outputs"), ("loss", "s", "loss curve"), ("gnorm", "^", "grad-norm curve")):
+        ax2.plot(widths, [r[f"{which}_geo"] for r in rows], marker=marker, label=label)
+    first = rows[0]["out_geo"]
+    ax2.plot(widths, [first * math.sqrt(widths[0] / w) for w in widths], "k:", label="∝ n$^{-1/2}$")
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("width n")
+    ax2.set_ylabel("relative error vs infinite net (geo. mean)")
+    ax2.set_title("finite vs infinite after training")
+    ax2.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def all_configs(widths: list[int], seeds: int, out: Path, name: str, progress: bool = True) -> Path:
+    """Rate measurement of every configuration in ``RATE_CONFIGS`` (one finite net per width and
+    seed, like the rate tests): geometric-mean errors per width, slopes, seconds."""
+    from tqdm import tqdm
+
+    lines = [
+        f"Geometric mean over {seeds} seeds of the relative error of finite nets against the infinite "
+        f"net after 20 steps (held-out outputs; loss curve; gradient-norm curve), float64.",
+        "",
+        "| configuration | " + " | ".join(f"out @{w}" for w in widths)
+        + " | slope out | slope loss | slope grad-norm | seconds |",
+        "|---|" + "---:|" * (len(widths) + 4),
+    ]  # fmt: skip
+    bar = tqdm(total=len(H.RATE_CONFIGS) * seeds * len(widths), disable=not progress, unit="net")
+    for cname, cfg in H.RATE_CONFIGS.items():
+        bar.set_description(cname)
+        ws = [w for w in widths if cfg.depth < 2 or w <= 8192]
+        t0 = time.perf_counter()
+        res = H.measure_rates(cfg, ws, range(seeds), progress=bar.update)
+        secs = time.perf_counter() - t0
+        geo = {k: [_geo(getattr(res, f"{k}_err")[w]) for w in ws] for k in ("out", "loss", "gnorm")}
+        cells = [f"{geo['out'][ws.index(w)]:.4f}" if w in ws else "" for w in widths]
+        slopes = [H.fit_slope(ws, geo[k]) for k in ("out", "loss", "gnorm")]
+        lines.append(
+            f"| `{cname}` | " + " | ".join(cells) + " | " + " | ".join(f"{x:.2f}" for x in slopes) + f" | {secs:.0f} |"
+        )
+    bar.close()
+    path = out / f"{name}_rates.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = H.RATE_CONFIGS[args.config]
+    widths = [int(w) for w in args.widths.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.all_configs:
+        path = all_configs(widths, args.seeds, out, args.name, progress=not args.no_progress)
+        print(path.read_text())
+        print(f"wrote {path}")
+        return
+    res = run(cfg, widths, args.seeds, args.omegas, progress=not args.no_progress)
+    rows = table_rows(res, widths)
+    md = write_tables(rows, widths, cfg, out, args.name, args.seeds, args.omegas)
+    plot(res, rows, widths, cfg, out / f"{args.name}.png")
+    print(md.read_text())
+    print(f"wrote {out / (args.name + '.png')}, {md}, {out / (args.name + '.csv')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Trained sampling: a finite net sampled *after* the infinite net was trained reproduces its outputs,
+with an error that falls like n^-1/2 (spec, "Two kinds of sampling", 2).
+
+No training happens on the finite side, so the error is pure Monte Carlo error of the n-row sums
+that replace the Gaussian expectations: its slope is -0.5 up to seed noise, and what this checks is
+the sampling formulas of every layer of a *trained* net (hidden rows with coefficients other than
+1, non-zero hidden and output biases, the readout's n^-1/2 scale, layernorm).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from .helpers import DTYPE, TrainConfig, fit_slope, omega_generator, profile, rel_error, train, train_infinite
+
+P = profile()
+
+# The issue's bound on the slope (theory: -0.5). Measured geometric-mean slopes over 10 Ω draws:
+# -0.47 to -0.53 (docs/equivalence.md, "Trained sampling"); with 10 draws the slope's standard error
+# is about 0.04, so -0.35 is 3 standard errors away. A slope steeper than -0.65 would mean the
+# sampled net is *more* accurate than Monte Carlo allows, which no correct sampler achieves either.
+SLOPE_RANGE = (-0.65, -0.35)
+# Largest measured geometric-mean relative error at width 4096: 0.021 (docs/equivalence.md); the
+# reference library's k^-1/2 readout scaling (spec, "Where the reference code differs") gives
+# errors of order 1 at every width.
+MAX_ERROR_4096 = 0.05
+
+CONFIGS = {
+    # Trained with momentum and weight decay so that old coefficients are not 1, and with biases
+    # (which the reference code's sampler drops for the readout).
+    "d1-momentum-wd": TrainConfig(name="d1-momentum-wd", depth=1, lr=0.1, momentum=0.9, weight_decay=0.1, minibatches=True),
+    "d2-layernorm-no-bias": TrainConfig(name="d2-layernorm-no-bias", depth=2, lr=0.3, layernorm=True, bias_alpha=0.0, clip=1.0),
+    "d3-mults": TrainConfig(
+        name="d3-mults", depth=3, lr=0.3, first_layer_alpha=2.0, last_layer_alpha=0.5,
+        bias_alpha=0.5, first_layer_lr_mult=0.5, bias_lr_mult=2.0, momentum=0.5,
+    ),  # fmt: skip
+}
+
+
+def _widths(depth: int) -> list[int]:
+    return P.widths(depth)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sampling_a_trained_net_converges_like_inverse_sqrt_width(name: str):
+    cfg = CONFIGS[name]
+    _, traj, task = train_infinite(cfg, seed=3, keep_model=True)
+    net = traj.model
+    # The trained net has moved: its outputs are no longer the zero readout of initialisation and
+    # its hidden coefficients have decayed (weight decay) or grown in number.
+    with torch.no_grad():
+        ref = net(task.X_test)
+    assert ref.norm() > 0.1 * math.sqrt(ref.numel()), "the infinite net did not train"
+    widths = _widths(cfg.depth)
+    means = []
+    for w in widths:
+        logs = []
+        for j in range(P.sampling_omegas):
+            fin = net.sample(w, generator=omega_generator(3, w, j), dtype=DTYPE)
+            with torch.no_grad():
+                logs.append(math.log(rel_error(fin(task.X_test), ref)))
+        means.append(math.exp(sum(logs) / len(logs)))
+    slope = fit_slope(widths, means)
+    table = ", ".join(f"{w}: {m:.4f}" for w, m in zip(widths, means))
+    assert SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1], f"{name}: slope {slope:.3f} ({table})"
+    assert means[widths.index(4096)] <= MAX_ERROR_4096, f"{name}: error at 4096 too large ({table})"
+
+
+def test_sampling_after_training_then_training_on_stays_with_the_infinite_net():
+    # Both kinds of sampling combined: train the infinite net 10 steps, sample finite nets from it,
+    # then train all of them 10 more steps (fresh optimizers, same batches). The finite nets must
+    # still follow the infinite one at n^-1/2: from width 256 to 4096 the geometric-mean error over
+    # 8 draws must drop by at least 16^0.35 = 2.6 (n^-1/2 predicts 4; measured: see
+    # docs/equivalence.md). Finite nets are trained one at a time (the harness's `train`).
+    cfg = TrainConfig(name="resume", depth=1, lr=0.1, momentum=0.5, steps=10, minibatches=True)
+    _, traj, task = train_infinite(cfg, seed=5, keep_model=True)
+    trained = copy.deepcopy(traj.model)  # the state the finite nets are sampled from
+    later = replace(task, batches=task.batches.flip(0))
+    inf = train(traj.model, cfg, later)
+    widths, draws = [256, 4096], 8
+    geo = {}
+    for w in widths:
+        logs = []
+        for j in range(draws):
+            fin = trained.sample(w, generator=omega_generator(5, w, j), dtype=DTYPE)
+            logs.append(math.log(rel_error(train(fin, cfg, later).outputs, inf.outputs)))
+        geo[w] = math.exp(sum(logs) / draws)
+    assert geo[256] / geo[4096] >= 16**0.35, geo
