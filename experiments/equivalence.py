@@ -44,6 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="instead: run every configuration of the rate tests (widths, --seeds) and write the "
         "table of errors and slopes per configuration to <out>/<name>_rates.md",
     )  # fmt: skip
+    p.add_argument(
+        "--calibrate", type=int, metavar="N", default=0,
+        help="instead: measure what the property and trained-sampling tests' bounds come from (N drawn "
+        "configurations at depths 0-2, the deliberately broken optimizers, trained sampling) and write "
+        "<out>/<name>_calibration.md",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -199,6 +205,98 @@ def all_configs(widths: list[int], seeds: int, out: Path, name: str, progress: b
     return path
 
 
+def calibrate(examples: int, out: Path, name: str, progress: bool = True) -> Path:
+    """Measure the statistics the property and trained-sampling tests bound, on more cases than the
+    tests run: ``examples`` configurations drawn (derandomized) from the property tests' strategy at
+    depths 0-2, the deliberately broken optimizers of ``test_properties.MUTATIONS``, and the
+    trained-sampling configurations. Writes ``<out>/<name>_calibration.md``."""
+    from hypothesis import HealthCheck, assume, given, settings
+    from hypothesis import strategies as st
+    from tqdm import tqdm
+
+    from tests.equivalence import test_properties as TP
+    from tests.equivalence import test_trained_sampling as TS
+
+    width, omegas = 2048, 3
+    bar = tqdm(total=examples + 2 * len(TP.MUTATIONS) + len(TS.CONFIGS), disable=not progress, unit="case")
+    drawn: list[tuple[H.TrainConfig, H.Tracking]] = []
+
+    @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(cfg=TP.configs(depths=(0, 1, 2)), seed=st.integers(0, 2**16))
+    def probe(cfg, seed):
+        assume(TP._stable(cfg, seed))
+        drawn.append((cfg, H.measure_tracking(cfg, seed, width, omegas)))
+        bar.update()
+
+    bar.set_description("drawn configurations")
+    probe()
+    amps = sorted(t.error / t.static for _, t in drawn)
+    ratios = sorted(t.ratio for _, t in drawn)
+    worst = max(drawn, key=lambda ct: ct[1].error / ct[1].static)
+
+    def q(xs, f):
+        return xs[min(len(xs) - 1, int(f * len(xs)))]
+
+    lines = [
+        "# Equivalence suite: where the bounds come from",
+        "",
+        f"Written by `python -m experiments.equivalence --calibrate {examples}` (float64, CPU). "
+        "Statistics as in `tests/equivalence/helpers.py` (`Tracking`): *amplification* = error of the "
+        "trained finite nets / static n^-1/2 fluctuation of the trained infinite net; *ratio* = error / "
+        f"spread of the {omegas} finite nets. Width {width}.",
+        "",
+        f"## Property tests: {len(drawn)} configurations drawn at depths 0-2",
+        "",
+        f"Bounds in `test_properties.py`: amplification <= {TP.MAX_AMPLIFICATION}, ratio <= {TP.MAX_RATIO}.",
+        "",
+        "| statistic | median | 90% | max |",
+        "|---|---:|---:|---:|",
+        f"| amplification | {q(amps, 0.5):.2f} | {q(amps, 0.9):.2f} | {amps[-1]:.2f} |",
+        f"| ratio | {q(ratios, 0.5):.2f} | {q(ratios, 0.9):.2f} | {ratios[-1]:.2f} |",
+        "",
+        f"Largest amplification: `{worst[0].short()}`.",
+        "",
+        "## Deliberately broken finite optimizers (must fail the bounds)",
+        "",
+        "| mutation | correct: amplification | correct: ratio | broken: amplification | broken: ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    bar.set_description("mutations")
+    for mname, (cfg, broken) in TP.MUTATIONS.items():
+        ok = H.measure_tracking(cfg, 0, width, omegas)
+        bar.update()
+        bad = H.measure_tracking(cfg, 0, width, omegas, **broken)
+        bar.update()
+        lines.append(
+            f"| {mname} | {ok.error / ok.static:.2f} | {ok.ratio:.2f} | {bad.error / bad.static:.1f} | {bad.ratio:.1f} |"
+        )
+    lines += [
+        "",
+        "## Trained sampling (no training after sampling)",
+        "",
+        f"Geometric mean over {H.profile().sampling_omegas} Ω draws of the relative output error; bounds in "
+        f"`test_trained_sampling.py`: slope in {TS.SLOPE_RANGE}, error at 4096 <= {TS.MAX_ERROR_4096}.",
+        "",
+        "| configuration | widths | errors | slope |",
+        "|---|---|---|---:|",
+    ]
+    bar.set_description("trained sampling")
+    for cname, cfg in TS.CONFIGS.items():
+        _, traj, task = H.train_infinite(cfg, seed=3, keep_model=True)
+        widths = H.profile().widths(cfg.depth)
+        means = H.sampled_errors(traj.model, task.X_test, widths, 3, H.profile().sampling_omegas)
+        lines.append(
+            f"| `{cname}` | {', '.join(map(str, widths))} | {', '.join(f'{m:.4f}' for m in means)} "
+            f"| {H.fit_slope(widths, means):.2f} |"
+        )
+        bar.update()
+    bar.close()
+    path = out / f"{name}_calibration.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -207,6 +305,11 @@ def main(argv=None) -> None:
     widths = [int(w) for w in args.widths.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.calibrate:
+        path = calibrate(args.calibrate, out, args.name, progress=not args.no_progress)
+        print(path.read_text())
+        print(f"wrote {path}")
+        return
     if args.all_configs:
         path = all_configs(widths, args.seeds, out, args.name, progress=not args.no_progress)
         print(path.read_text())

@@ -46,6 +46,7 @@ __all__ = [
     "RateResult",
     "measure_rates",
     "sampling_fluctuation",
+    "sampled_errors",
     "omega_generator",
     "Tracking",
     "measure_tracking",
@@ -395,6 +396,21 @@ def sampling_fluctuation(net: pinet.InfPiMLP, X: Tensor, width: int, seed: int, 
         fin = net.sample(width, generator=omega_generator(seed, width, 10_000 + j), dtype=DTYPE)
         sq += rel_error(fin(X), ref) ** 2
     return math.sqrt(sq / samples)
+
+
+@torch.no_grad()
+def sampled_errors(net: pinet.InfPiMLP, X: Tensor, widths: Iterable[int], seed: int, draws: int) -> list[float]:
+    """Per width, the geometric mean over ``draws`` Ω draws of the relative output error on ``X``
+    (T, d) of a finite net sampled from ``net`` (trained or not), without any training."""
+    ref = net(X)
+    means = []
+    for w in widths:
+        logs = [
+            math.log(rel_error(net.sample(w, generator=omega_generator(seed, w, j), dtype=DTYPE)(X), ref))
+            for j in range(draws)
+        ]
+        means.append(math.exp(sum(logs) / draws))
+    return means
 
 
 @dataclass

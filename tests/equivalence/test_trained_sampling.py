@@ -16,19 +16,23 @@ from dataclasses import replace
 import pytest
 import torch
 
-from .helpers import DTYPE, TrainConfig, fit_slope, omega_generator, profile, rel_error, train, train_infinite
+from .helpers import (
+    DTYPE, TrainConfig, fit_slope, omega_generator, profile, rel_error, sampled_errors, train, train_infinite,
+)  # fmt: skip
 
 P = profile()
 
-# The bound on the slope (theory: -0.5). Measured geometric-mean slopes over 10 Ω draws:
-# -0.47 to -0.53 (docs/equivalence.md, "Trained sampling"); with 10 draws the slope's standard error
-# is about 0.04, so -0.35 is 3 standard errors away. A slope steeper than -0.65 would mean the
-# sampled net is *more* accurate than Monte Carlo allows, which no correct sampler achieves either.
-SLOPE_RANGE = (-0.65, -0.35)
-# Largest measured geometric-mean relative error at width 4096: 0.021 (docs/equivalence.md); the
-# reference library's k^-1/2 readout scaling (spec, "Where the reference code differs") gives
-# errors of order 1 at every width.
-MAX_ERROR_4096 = 0.05
+# The bound on the slope (theory: -0.5). Measured slopes of the geometric mean over 10 Ω
+# draws: -0.56 to -0.63 (docs/equivalence_calibration.md, "Trained sampling"), a little steeper than
+# -0.5 because the error at width 256 (up to 0.23) still carries nonlinear O(1/n) terms. -0.35 is
+# the bound a sampler with a wrong scaling or a dropped term violates (its error stops falling);
+# -0.75 only guards against a degenerate comparison (e.g. comparing a net with itself).
+SLOPE_RANGE = (-0.75, -0.35)
+# Measured geometric-mean relative error at width 4096: 0.017 to 0.049 (same document; the largest
+# is the net trained with weight decay 0.1, whose outputs are small). The reference library's
+# k^-1/2 readout scaling (spec, "Where the reference code differs") gives errors of order 1 at every
+# width; 0.1 is twice the largest measured value.
+MAX_ERROR_4096 = 0.1
 
 CONFIGS = {
     # Trained with momentum and weight decay so that old coefficients are not 1, and with biases
@@ -57,14 +61,7 @@ def test_sampling_a_trained_net_converges_like_inverse_sqrt_width(name: str):
         ref = net(task.X_test)
     assert ref.norm() > 0.1 * math.sqrt(ref.numel()), "the infinite net did not train"
     widths = _widths(cfg.depth)
-    means = []
-    for w in widths:
-        logs = []
-        for j in range(P.sampling_omegas):
-            fin = net.sample(w, generator=omega_generator(3, w, j), dtype=DTYPE)
-            with torch.no_grad():
-                logs.append(math.log(rel_error(fin(task.X_test), ref)))
-        means.append(math.exp(sum(logs) / len(logs)))
+    means = sampled_errors(net, task.X_test, widths, seed=3, draws=P.sampling_omegas)
     slope = fit_slope(widths, means)
     table = ", ".join(f"{w}: {m:.4f}" for w, m in zip(widths, means))
     assert SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1], f"{name}: slope {slope:.3f} ({table})"
@@ -75,8 +72,8 @@ def test_sampling_after_training_then_training_on_stays_with_the_infinite_net():
     # Both kinds of sampling combined: train the infinite net 10 steps, sample finite nets from it,
     # then train all of them 10 more steps (fresh optimizers, same batches). The finite nets must
     # still follow the infinite one at n^-1/2: from width 256 to 4096 the geometric-mean error over
-    # 8 draws must drop by at least 16^0.35 = 2.6 (n^-1/2 predicts 4; measured: see
-    # docs/equivalence.md). Finite nets are trained one at a time (the harness's `train`).
+    # 8 draws must drop by at least 16^0.35 = 2.6 (n^-1/2 predicts 4). Finite nets are trained one
+    # at a time (the harness's `train`).
     cfg = TrainConfig(name="resume", depth=1, lr=0.1, momentum=0.5, steps=10, minibatches=True)
     _, traj, task = train_infinite(cfg, seed=5, keep_model=True)
     trained = copy.deepcopy(traj.model)  # the state the finite nets are sampled from
