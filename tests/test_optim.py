@@ -400,3 +400,35 @@ def test_custom_hook_runs_in_order_and_can_scale():
     mse(net(x), t).backward()
     opt.step()
     assert torch.allclose(net.layers[1].c.detach()[-4:], torch.full((4,), -LR / 2, dtype=D))
+
+
+def test_clipping_sees_gradients_a_previous_hook_changed_in_place():
+    # GradNorm and ClipGradNorm share memoised norms; a hook in between that rescales gradients in
+    # place (same tensor objects) or out of place must make ClipGradNorm use the new norms.
+    class Triple(GradHook):
+        def __init__(self, in_place):
+            self.in_place = in_place
+
+        def update(self, grads, state, ctx):
+            out = {}
+            for k, g in grads.items():
+                if hasattr(g, "scale"):
+                    out[k] = g.scale(3.0)
+                elif self.in_place:
+                    out[k] = g.mul_(3.0)
+                else:
+                    out[k] = g * 3.0
+            return out, state
+
+    results = []
+    for in_place in (False, True):
+        torch.manual_seed(0)
+        net = _net()
+        opt = PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=LR), net,
+                                 hooks=[Triple(in_place), ClipGradNorm(0.05, per_param=True)])  # fmt: skip
+        for micro in _batches(3, 1):
+            opt.zero_grad()
+            mse(net(micro[0][0]), micro[0][1]).backward()
+            opt.step()
+        results.append(net(torch.ones(2, 5, dtype=D)))
+    assert torch.allclose(results[0], results[1], atol=1e-13, rtol=0)

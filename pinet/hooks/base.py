@@ -36,12 +36,14 @@ class HookContext:
         projectors: :class:`FinPiState` modules by name, each with the names of the parameters
             (its owner's own ``weight``/``bias``) whose gradients it projects.
         stats: per-step values a hook wants to report (e.g. ``"grad_norm"``); reset every step.
+        cache: per-step memo shared by hooks (e.g. gradient norms); reset every step.
     """
 
     params: dict[str, nn.Parameter]
     pi_states: dict[str, PiState]
     projectors: dict[str, tuple[FinPiState, list[str]]]
     stats: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "HookContext":

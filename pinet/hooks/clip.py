@@ -28,7 +28,7 @@ class ClipGradNorm(GradHook):
         self.error_if_nonfinite = bool(error_if_nonfinite)
 
     def update(self, grads: Grads, state, ctx: HookContext):
-        sq = grad_sqnorms(grads)
+        sq = grad_sqnorms(grads, ctx)
         groups = [[k] for k in grads] if self.per_param else [list(grads)]
         out = dict(grads)
         for names in groups:

@@ -113,12 +113,16 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
                 loss = closure()
         ctx = self.ctx
         ctx.stats = {}
+        ctx.cache = {}
         grads = {name: p.grad for name, p in ctx.params.items() if p.grad is not None}
         states = list(self.hook_states)
-        for i, hook in enumerate(self.hooks):
-            grads, states[i] = hook.update(grads, states[i], ctx)
-            if grads is None:
-                break
+        try:
+            for i, hook in enumerate(self.hooks):
+                grads, states[i] = hook.update(grads, states[i], ctx)
+                if grads is None:
+                    break
+        finally:
+            ctx.cache = {}  # memoised values hold gradients; do not keep them past the hooks
         self.hook_states = states
         if grads is None:
             self._consume_grads()
