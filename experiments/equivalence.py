@@ -87,10 +87,6 @@ def run(cfg: H.TrainConfig, widths: list[int], seeds: int, omegas: int, progress
     return out
 
 
-def _geo(xs: list[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
-
-
 def table_rows(res: dict, widths: list[int]) -> list[dict]:
     """One row per width: mean / geometric mean / std of each error, seconds per finite run."""
     rows = []
@@ -100,7 +96,7 @@ def table_rows(res: dict, widths: list[int]) -> list[dict]:
             xs = res["err"][which][w]
             mean = sum(xs) / len(xs)
             row[f"{which}_mean"] = mean
-            row[f"{which}_geo"] = _geo(xs)
+            row[f"{which}_geo"] = H.geo_mean(xs)
             row[f"{which}_std"] = math.sqrt(sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1))
         row["runs"] = len(res["err"]["out"][w])
         row["sec_per_run"] = res["seconds"][w] / row["runs"]
@@ -193,7 +189,7 @@ def all_configs(widths: list[int], seeds: int, out: Path, name: str, progress: b
         t0 = time.perf_counter()
         res = H.measure_rates(cfg, ws, range(seeds), progress=bar.update)
         secs = time.perf_counter() - t0
-        geo = {k: [_geo(getattr(res, f"{k}_err")[w]) for w in ws] for k in ("out", "loss", "gnorm")}
+        geo = {k: res.geo(k) for k in ("out", "loss", "gnorm")}
         cells = [f"{geo['out'][ws.index(w)]:.4f}" if w in ws else "" for w in widths]
         slopes = [H.fit_slope(ws, geo[k]) for k in ("out", "loss", "gnorm")]
         lines.append(

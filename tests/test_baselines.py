@@ -9,14 +9,8 @@ import torch.nn.functional as F
 from pinet.baselines import MLP, KernelRegressor, nngp_kernel, ntk_kernel
 from pinet.optim import PiOptimizerWrapper, param_groups
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors: one thread is as fast, and it avoids OpenMP oversubscription when other jobs
-    # share the cores (measured: these tests took 4x longer with 2 threads on a loaded 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors: one thread (tests/conftest.py) avoids OpenMP oversubscription on shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MULTS = dict(first_layer_alpha=1.3, last_layer_alpha=0.7, bias_alpha=0.5, last_bias_alpha=0.8, bias_var=1.0)

@@ -16,14 +16,8 @@ from experiments.cifar10 import cifar10mlp
 from experiments.common import build_model, evaluate, load_digits_data, make_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors: one thread is as fast, and it avoids OpenMP oversubscription when other jobs
-    # share the cores (measured: these tests took 4x longer with 2 threads on a loaded 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors: one thread (tests/conftest.py) avoids OpenMP oversubscription on shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Small but real: 500 training digits, r = 32, two epochs reach ~85% test accuracy (chance: 10%).

@@ -196,20 +196,12 @@ def test_half_storage_product_is_float32_accurate_given_the_rounded_rows():
 
 # --------------------------------------------------------------------------- memory
 def _alloc_events(fn):
-    """(peak bytes held above the start, largest allocation) from the torch CPU allocator's
-    events while ``fn()`` runs. Frees of tensors allocated before the start are not reported,
-    so the peak is an upper bound."""
-    from torch.profiler import ProfilerActivity, profile
+    """(peak bytes held above the start, largest allocation) while ``fn()`` runs, from the torch
+    allocator's events (the benchmark's :func:`benchmarks.bench_step.alloc_profile`)."""
+    from benchmarks.bench_step import alloc_profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())  # fmt: skip
-    cur = peak = largest = 0
-    for e in events:
-        cur += e.nbytes()
-        peak, largest = max(peak, cur), max(largest, e.nbytes())
-    if not events:
+    peak, largest, total = alloc_profile(fn)
+    if total == 0:
         pytest.skip("torch profiler reports no CPU memory events here")
     return peak, largest
 

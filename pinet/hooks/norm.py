@@ -10,6 +10,8 @@ from .base import GradHook, Grads, HookContext
 
 __all__ = ["grad_sqnorms", "total_norm", "GradNorm"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def grad_sqnorms(grads: Grads, ctx: HookContext | None = None) -> dict[str, Tensor]:
     """Squared norm of each gradient: ``‖g‖²`` for tensors, ``‖Δ‖²`` (spec) for :class:`PiRows`.
@@ -37,9 +39,6 @@ def grad_sqnorms(grads: Grads, ctx: HookContext | None = None) -> dict[str, Tens
         memo[name] = (key, parts, val)  # parts keeps the tensors (and so their ids) alive
         out[name] = val
     return out
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def total_norm(sqnorms: dict[str, Tensor]) -> Tensor:

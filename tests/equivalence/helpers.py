@@ -43,6 +43,7 @@ __all__ = [
     "train_finite",
     "rel_error",
     "fit_slope",
+    "geo_mean",
     "RateResult",
     "measure_rates",
     "sampling_fluctuation",
@@ -334,6 +335,12 @@ def fit_slope(widths: Iterable[int], errors: Iterable[float]) -> float:
     return float((x * (y - y.mean())).sum() / (x * x).sum())
 
 
+def geo_mean(xs: Iterable[float]) -> float:
+    """Geometric mean ``exp(mean(log x))`` of positive numbers (errors averaged over seeds or draws)."""
+    logs = [math.log(x) for x in xs]
+    return math.exp(sum(logs) / len(logs))
+
+
 @dataclass
 class RateResult:
     """Errors of finite nets against the infinite one, per width, over seeds.
@@ -351,6 +358,11 @@ class RateResult:
         """Mean over seeds of one error, per width."""
         errs = getattr(self, f"{which}_err")
         return [sum(errs[w]) / len(errs[w]) for w in self.widths]
+
+    def geo(self, which: str = "out") -> list[float]:
+        """Geometric mean over seeds of one error, per width."""
+        errs = getattr(self, f"{which}_err")
+        return [geo_mean(errs[w]) for w in self.widths]
 
     def slope(self, which: str = "out") -> float:
         """Fitted log-log slope of the seed-averaged error against width."""
@@ -403,14 +415,10 @@ def sampled_errors(net: pinet.InfPiMLP, X: Tensor, widths: Iterable[int], seed: 
     """Per width, the geometric mean over ``draws`` Ω draws of the relative output error on ``X``
     (T, d) of a finite net sampled from ``net`` (trained or not), without any training."""
     ref = net(X)
-    means = []
-    for w in widths:
-        logs = [
-            math.log(rel_error(net.sample(w, generator=omega_generator(seed, w, j), dtype=DTYPE)(X), ref))
-            for j in range(draws)
-        ]
-        means.append(math.exp(sum(logs) / draws))
-    return means
+    return [
+        geo_mean(rel_error(net.sample(w, generator=omega_generator(seed, w, j), dtype=DTYPE)(X), ref) for j in range(draws))
+        for w in widths
+    ]
 
 
 @dataclass

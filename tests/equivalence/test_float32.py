@@ -9,11 +9,12 @@ changes neither the infinite net's trajectory beyond rounding nor the finite/inf
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
-from .helpers import RATE_CONFIGS, Task, build_infinite, fit_slope, make_task, omega_generator, rel_error, train
+from .helpers import (
+    RATE_CONFIGS, Task, build_infinite, fit_slope, geo_mean, make_task, omega_generator, rel_error, train,
+)  # fmt: skip
 
 CFG = RATE_CONFIGS["d1-sgd"]
 SEEDS = range(4)
@@ -53,6 +54,6 @@ def test_float32_training_keeps_the_finite_infinite_gap():
             gap32 = rel_error(train(fin32, CFG, _cast(task)).outputs.double(), inf32.outputs.double())
             assert abs(gap32 - gap64) <= MAX_GAP_CHANGE * gap64, (seed, w, gap32, gap64)
             gaps[w].append(gap32)
-    geo = [math.exp(sum(map(math.log, gaps[w])) / len(SEEDS)) for w in WIDTHS]
+    geo = [geo_mean(gaps[w]) for w in WIDTHS]
     # The rate tests' bound on the slope (test_rates.MAX_SLOPE), here from two widths and 4 seeds.
     assert fit_slope(WIDTHS, geo) <= -0.35, geo

@@ -14,7 +14,6 @@ amplify fluctuations) that is the same at every width; in log space it cancels f
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
@@ -36,21 +35,15 @@ MAX_SLOPE = -0.35
 MAX_ERROR_4096 = 0.08
 
 
-def geo_means(res: RateResult, which: str) -> list[float]:
-    """Geometric mean over seeds of one error, per width."""
-    errs = getattr(res, f"{which}_err")
-    return [math.exp(sum(math.log(e) for e in errs[w]) / len(errs[w])) for w in res.widths]
-
-
 def rate_problems(res: RateResult) -> list[str]:
     """What is wrong with ``res`` (empty if the finite nets converge like n^-1/2)."""
     problems = []
     for which in ("out", "loss", "gnorm"):
-        means = geo_means(res, which)
+        means = res.geo(which)
         slope = fit_slope(res.widths, means)
         if not slope <= MAX_SLOPE:
             problems.append(f"{which} error slope {slope:.3f} > {MAX_SLOPE} (errors {[round(m, 4) for m in means]})")
-    at_4096 = geo_means(res, "out")[res.widths.index(4096)]
+    at_4096 = res.geo("out")[res.widths.index(4096)]
     if not at_4096 <= MAX_ERROR_4096:
         problems.append(f"output error {at_4096:.4f} at width 4096 > {MAX_ERROR_4096}")
     return problems
@@ -58,7 +51,7 @@ def rate_problems(res: RateResult) -> list[str]:
 
 def _table(res: RateResult) -> str:
     rows = [f"{'width':>6} {'out':>8} {'loss':>8} {'gnorm':>8}"]
-    for w, o, l, g in zip(res.widths, geo_means(res, "out"), geo_means(res, "loss"), geo_means(res, "gnorm")):
+    for w, o, l, g in zip(res.widths, res.geo("out"), res.geo("loss"), res.geo("gnorm")):
         rows.append(f"{w:>6} {o:8.4f} {l:8.4f} {g:8.4f}")
     return "\n".join(rows)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from .helpers import (
-    DTYPE, TrainConfig, fit_slope, omega_generator, profile, rel_error, sampled_errors, train, train_infinite,
+    DTYPE, TrainConfig, fit_slope, geo_mean, omega_generator, profile, rel_error, sampled_errors, train, train_infinite,
 )  # fmt: skip
 
 P = profile()
@@ -80,11 +80,12 @@ def test_sampling_after_training_then_training_on_stays_with_the_infinite_net():
     later = replace(task, batches=task.batches.flip(0))
     inf = train(traj.model, cfg, later)
     widths, draws = [256, 4096], 8
-    geo = {}
-    for w in widths:
-        logs = []
-        for j in range(draws):
-            fin = trained.sample(w, generator=omega_generator(5, w, j), dtype=DTYPE)
-            logs.append(math.log(rel_error(train(fin, cfg, later).outputs, inf.outputs)))
-        geo[w] = math.exp(sum(logs) / draws)
+    geo = {
+        w: geo_mean(
+            rel_error(train(trained.sample(w, generator=omega_generator(5, w, j), dtype=DTYPE), cfg, later).outputs,
+                      inf.outputs)  # fmt: skip
+            for j in range(draws)
+        )
+        for w in widths
+    }
     assert geo[256] / geo[4096] >= 16**0.35, geo
