@@ -1,0 +1,321 @@
+"""Thin-product ceiling of this CPU: ``python -m benchmarks.thin_gemm``.
+
+A π-layer's training step is four products of a tall state matrix (M × r, row-major) with a
+batch-sized operand: ``B ḡᵀ`` and ``A δᵀ`` ("dot": (M, r) @ (r, b)) and ``wᵀ A``, ``(∂L/∂q)ᵀ B``
+("reduce": (b, M) @ (M, r)). With b = 8 each does 2·b = 16 FLOPs per 4-byte element it reads, so
+a step reaches the memory-read floor of ``bench_step`` only if the CPU sustains
+``4 FLOP/byte × read bandwidth`` on these shapes. This probe measures, in one run, what it
+sustains: torch's BLAS and a hand-written AVX2/FMA kernel (register-blocked, OpenMP over row
+blocks, compiled here with ``g++ -O3 -march=native``), each on a state that streams from memory
+(M = 40,000 rows) and on one that stays in cache (M = 2,048 rows, 3.3 MB, repeated to the same
+FLOPs), next to the read bandwidth and the square-sgemm rate. The hand kernel is not used by pinet; it is here
+to tell a slow library apart from a compute-bound machine (issue 6).
+
+Writes ``thin_gemm.md`` and ``thin_gemm.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .bench_step import PASSES, Config, flops_per_row, read_bandwidth, sgemm_rate
+
+# Two kernels, float32 only (the benchmark's storage dtype).
+#   dot:    Y (M, n) = X (M, K) @ W(n, K)ᵀ   2 rows × 4 columns of 8-wide FMA accumulators over K
+#   reduce: Z (n, K) += V(M, n)ᵀ @ X (M, K)  one column of V × 64 floats of K per register tile,
+#           rows in blocks of 64 (100 KB at K = 400, in L2) so the columns re-read X from cache;
+#           one partial Z per thread, summed at the end.
+# Both handle any M, K, n (masked loads for the K tail). Register blocking was picked by measuring
+# (2×4, 3×4, 4×2 for dot; 1×64, 2×32, 4×16, 8×8 floats for reduce) on the development machine.
+KERNEL_SOURCE = r"""
+#include <cstdint>
+#include <vector>
+#include <immintrin.h>
+#include <omp.h>
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+static inline __m256i tail_mask(int64_t rem) {  // first rem (1..7) lanes
+  alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256((const __m256i*)(m + 8 - rem));
+}
+
+template <int R, int C>
+static inline void dot_tile(const float* X, int64_t K, const float* W, float* Y, int64_t ldy) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 x[R];
+    for (int r = 0; r < R; ++r) x[r] = _mm256_loadu_ps(X + r * K + k);
+    // The next tile's rows, one cache line per 16 floats: streaming 36 vs 31 GFLOP/s measured.
+    // Past the last row this names addresses outside X, which a prefetch may do (it never faults).
+    if ((k & 15) == 0) for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (R + r) * K + k), _MM_HINT_T0);
+    for (int c = 0; c < C; ++c) {
+      __m256 w = _mm256_loadu_ps(W + c * K + k);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
+    }
+  }
+  if (k < K) {
+    const __m256i m = tail_mask(K - k);
+    __m256 x[R];
+    for (int r = 0; r < R; ++r) x[r] = _mm256_maskload_ps(X + r * K + k, m);
+    for (int c = 0; c < C; ++c) {
+      __m256 w = _mm256_maskload_ps(W + c * K + k, m);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) Y[r * ldy + c] = hsum8(acc[r][c]);
+}
+
+template <int R>
+static inline void dot_rows(const float* X, int64_t K, const float* W, int64_t n, float* Y) {
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) dot_tile<R, 4>(X, K, W + c * K, Y + c, n);
+  for (; c < n; ++c) dot_tile<R, 1>(X, K, W + c * K, Y + c, n);
+}
+
+extern "C" void thin_dot(const float* X, int64_t M, int64_t K, const float* W, int64_t n, float* Y,
+                         int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t i = 0; i < M / 2; ++i) dot_rows<2>(X + 2 * i * K, K, W, n, Y + 2 * i * n);
+  if (M % 2) dot_rows<1>(X + (M - 1) * K, K, W, n, Y + (M - 1) * n);
+}
+
+template <int KV, bool TAIL>
+static inline void red_tile(const float* V, int64_t n, const float* X, int64_t K, int64_t rows,
+                            float* Z, __m256i m) {
+  __m256 acc[KV];
+  for (int v = 0; v < KV; ++v)
+    acc[v] = (TAIL && v == KV - 1) ? _mm256_maskload_ps(Z + 8 * v, m) : _mm256_loadu_ps(Z + 8 * v);
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m256 s = _mm256_broadcast_ss(V + i * n);
+    for (int v = 0; v < KV; ++v) {
+      const __m256 x = (TAIL && v == KV - 1) ? _mm256_maskload_ps(X + i * K + 8 * v, m)
+                                             : _mm256_loadu_ps(X + i * K + 8 * v);
+      acc[v] = _mm256_fmadd_ps(s, x, acc[v]);
+    }
+  }
+  for (int v = 0; v < KV; ++v) {
+    if (TAIL && v == KV - 1) _mm256_maskstore_ps(Z + 8 * v, m, acc[v]);
+    else _mm256_storeu_ps(Z + 8 * v, acc[v]);
+  }
+}
+
+static void red_column(const float* V, int64_t n, const float* X, int64_t K, int64_t rows, float* Z) {
+  const __m256i all = _mm256_set1_epi32(-1);
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) red_tile<8, false>(V, n, X + k, K, rows, Z + k, all);
+  for (; k + 8 <= K; k += 8) red_tile<1, false>(V, n, X + k, K, rows, Z + k, all);
+  if (k < K) red_tile<1, true>(V, n, X + k, K, rows, Z + k, tail_mask(K - k));
+}
+
+extern "C" void thin_reduce(const float* V, int64_t M, int64_t n, const float* X, int64_t K, float* Z,
+                            int nthreads) {
+  const int64_t RB = 64;
+  std::vector<float> part((size_t)nthreads * n * K, 0.f);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    float* Zt = part.data() + (size_t)t * n * K;
+    const int64_t per = (M + nt - 1) / nt;
+    const int64_t a = t * per < M ? t * per : M, e = a + per < M ? a + per : M;
+    for (int64_t r0 = a; r0 < e; r0 += RB) {
+      const int64_t rows = r0 + RB < e ? RB : e - r0;
+      for (int64_t j = 0; j < n; ++j) red_column(V + r0 * n + j, n, X + r0 * K, K, rows, Zt + j * K);
+    }
+  }
+  for (int t = 0; t < nthreads; ++t)
+    for (int64_t q = 0; q < n * K; ++q) Z[q] += part[(size_t)t * n * K + q];
+}
+"""
+
+
+class HandKernels:
+    """The probe's AVX2 kernels, compiled with ``g++`` into a temporary folder and loaded by ctypes.
+
+    Raises ``RuntimeError`` (saying what is missing) without ``g++`` on PATH or without AVX2 in
+    torch's CPU capability; nothing falls back silently.
+    """
+
+    def __init__(self) -> None:
+        cxx = shutil.which("g++")
+        if cxx is None:
+            raise RuntimeError("benchmarks.thin_gemm: the hand kernel needs g++ on PATH; none found")
+        cap = torch.backends.cpu.get_cpu_capability()
+        if not cap.startswith("AVX2") and not cap.startswith("AVX512"):
+            raise RuntimeError(f"benchmarks.thin_gemm: the hand kernel needs AVX2 + FMA; this CPU has {cap}")
+        with tempfile.TemporaryDirectory() as d:
+            src, lib = Path(d) / "thin.cpp", Path(d) / "thin.so"
+            src.write_text(KERNEL_SOURCE)
+            cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"benchmarks.thin_gemm: compiling the hand kernel failed:\n{done.stderr}")
+            # Loaded while the file exists; the mapping outlives the folder. Its libgomp.so.1
+            # resolves to the one torch already loaded, so both share one OpenMP thread pool.
+            self._lib = ctypes.CDLL(str(lib))
+        P, I = ctypes.c_void_p, ctypes.c_int64
+        self._lib.thin_dot.argtypes = [P, I, I, P, I, P, ctypes.c_int]
+        self._lib.thin_reduce.argtypes = [P, I, I, P, I, P, ctypes.c_int]
+
+    @staticmethod
+    def _check(name: str, t: torch.Tensor) -> None:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 2:
+            raise ValueError(f"HandKernels: {name} must be a contiguous 2-d float32 CPU tensor, got "
+                             f"{t.dtype} {t.device} shape {tuple(t.shape)} contiguous={t.is_contiguous()}")  # fmt: skip
+
+    def dot(self, X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``X @ Wᵀ``: X (M, K), W (n, K) -> (M, n)."""
+        self._check("X", X)
+        self._check("W", W)
+        if W.shape[1] != X.shape[1]:
+            raise ValueError(f"HandKernels.dot: W must have K = {X.shape[1]} columns, got {W.shape[1]}")
+        Y = torch.empty(X.shape[0], W.shape[0])
+        self._lib.thin_dot(X.data_ptr(), X.shape[0], X.shape[1], W.data_ptr(), W.shape[0], Y.data_ptr(),
+                           torch.get_num_threads())  # fmt: skip
+        return Y
+
+    def reduce(self, V: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """``Vᵀ @ X``: V (M, n), X (M, K) -> (n, K)."""
+        self._check("V", V)
+        self._check("X", X)
+        if V.shape[0] != X.shape[0]:
+            raise ValueError(f"HandKernels.reduce: V must have M = {X.shape[0]} rows, got {V.shape[0]}")
+        Z = torch.zeros(V.shape[1], X.shape[1])
+        self._lib.thin_reduce(V.data_ptr(), X.shape[0], V.shape[1], X.data_ptr(), X.shape[1], Z.data_ptr(),
+                              torch.get_num_threads())  # fmt: skip
+        return Z
+
+
+def _interleaved_medians(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each zero-argument ``fn``, timed round-robin so all see the same load."""
+    for fn in fns:
+        fn()
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
+
+
+def probe(M: int, M_cache: int, r: int, batch: int, repeats: int, kernels: HandKernels) -> dict:
+    """GFLOP/s of the dot and reduce products for torch and the hand kernel, streaming (``M``
+    rows) and in cache (``M_cache`` rows, repeated ``M // M_cache`` times), plus the largest
+    relative deviation of each from a float64 evaluation."""
+    gen = torch.Generator().manual_seed(0)
+    out: dict = {"err": {}}
+    for where, rows in (("stream", M), ("cache", M_cache)):
+        reps = max(1, M // rows)
+        X = torch.randn(rows, r, generator=gen)
+        W = torch.randn(batch, r, generator=gen)
+        V = torch.randn(rows, batch, generator=gen)
+
+        def rep(f):
+            def run():
+                for _ in range(reps):
+                    f()
+            return run
+
+        cands = {
+            "dot torch": rep(lambda: X @ W.T),
+            "dot hand": rep(lambda: kernels.dot(X, W)),
+            "reduce torch": rep(lambda: V.T @ X),
+            "reduce hand": rep(lambda: kernels.reduce(V, X)),
+        }
+        secs = _interleaved_medians(list(cands.values()), repeats)
+        flops = 2.0 * rows * r * batch * reps
+        for name, s in zip(cands, secs):
+            out[f"{name} {where}"] = flops / s / 1e9
+        if where == "stream":
+            ref_dot = X.double() @ W.double().T
+            ref_red = V.double().T @ X.double()
+            for name, got, ref in (("dot torch", X @ W.T, ref_dot), ("dot hand", kernels.dot(X, W), ref_dot),
+                                   ("reduce torch", V.T @ X, ref_red), ("reduce hand", kernels.reduce(V, X), ref_red)):  # fmt: skip
+                out["err"][name] = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the probe (``argv`` as on the command line); returns what the JSON file holds."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.thin_gemm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=40_000, help="rows of the streaming state (default 40000)")
+    p.add_argument("--cache-rows", type=int, default=2048, help="rows of the in-cache state (default 2048: 3.3 MB, in L3)")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per candidate (median reported)")
+    p.add_argument("--quick", action="store_true", help="small sizes: checks the machinery in a few seconds")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
+    a = p.parse_args(argv)
+    cfg = Config()
+    bw_mb = cfg.bw_mbytes
+    if a.quick:
+        a.rows, a.cache_rows, a.repeats, bw_mb = 2048, 256, 3, 16
+    with tqdm(total=4, desc="thin_gemm", file=sys.stderr) as bar:
+        kernels = HandKernels()
+        bar.update()
+        bw = read_bandwidth(bw_mb)
+        bar.update()
+        square = sgemm_rate(512 if a.quick else 1536) / 1e9
+        bar.update()
+        res = probe(a.rows, a.cache_rows, cfg.r, cfg.batch, a.repeats, kernels)
+        bar.update()
+    need = 2 * cfg.batch / 4 * bw / 1e9  # GFLOP/s that keeps up with streaming at b FLOP pairs per float
+    best = max(res[f"{k} stream"] for k in ("dot torch", "dot hand")), max(res[f"{k} stream"] for k in ("reduce torch", "reduce hand"))  # fmt: skip
+    # A step's four products per π-layer are two dots and two reduces: per row, FLOPs split evenly.
+    fpr = flops_per_row(cfg)
+    row_us = fpr / 2 / best[0] / 1e3 + fpr / 2 / best[1] / 1e3
+    floor_us = PASSES * (cfg.depth * 2 * cfg.r + cfg.r + cfg.d_out + cfg.depth + 1) * 4 / bw * 1e6
+    lines = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, r = {cfg.r}, b = {cfg.batch}, float32"
+        + (" (quick: sizes too small to mean anything)" if a.quick else ""),
+        "",
+        f"read bandwidth {bw / 1e9:.1f} GB/s -> streaming at the read floor needs {need:.0f} GFLOP/s; "
+        f"square sgemm {square:.1f} GFLOP/s",
+        "",
+        "| product | torch, streaming | hand AVX2, streaming | torch, in cache | hand AVX2, in cache |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for kind, label in (("dot", f"dot ({a.rows}×{cfg.r}) @ ({cfg.r}×{cfg.batch})"),
+                        ("reduce", f"reduce ({cfg.batch}×{a.rows}) @ ({a.rows}×{cfg.r})")):  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(f"{res[f'{kind} {w} {s}']:.1f}" for s, w in
+                     (("stream", "torch"), ("stream", "hand"), ("cache", "torch"), ("cache", "hand"))) + " |")  # fmt: skip
+    lines += [
+        "",
+        "GFLOP/s, median of interleaved calls. Max relative deviation from float64: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in res["err"].items()),
+        "",
+        f"Best streaming rates (dot {best[0]:.1f}, reduce {best[1]:.1f} GFLOP/s) put the bare products "
+        f"of the bench_step network at {row_us:.2f} µs per row per step = {row_us / floor_us:.2f}× its "
+        f"read floor ({floor_us:.2f} µs/row, {PASSES} passes at {bw / 1e9:.1f} GB/s).",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "thin_gemm.md").write_text(text)
+    result = {"read_GBps": bw / 1e9, "square_GFLOPs": square, "need_GFLOPs": need, "row_us": row_us,
+              "floor_us": floor_us, **res}  # fmt: skip
+    (a.out / "thin_gemm.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
