@@ -30,6 +30,9 @@ Targets (printed as PASS/FAIL at the end): marginal ms per row between the two l
 whole state; step temporaries grow as O(b × M); with ``chunk_size`` set they do not grow with M
 and the results match the unchunked ones to rounding.
 
+With ``--native`` pinet runs with :mod:`pinet.native` enabled (the bare products too; the naive
+baseline is unaffected) and the files get a ``_native`` suffix.
+
 Writes ``bench_step_<dtype>.md`` (table), ``.png`` (ms/step vs M) and ``.json`` under ``--out``.
 """
 
@@ -51,6 +54,7 @@ from torch.nn import functional as TF
 from tqdm import tqdm
 
 import pinet
+from pinet.functional import _add_reduce
 from pinet.hooks import ClipGradNorm
 from pinet.optim import PiOptimizerWrapper
 
@@ -73,6 +77,7 @@ class Config:
     dtype: str = "float32"
     chunk_size: int | None = None
     naive: bool = True
+    native: bool = False
     bw_mbytes: int = 512
     lr: float = 0.01
     momentum: float = 0.9
@@ -199,9 +204,9 @@ def gemm_time(net: pinet.InfPiMLP, batch: int, repeats: int, block: int = 8192) 
             for i in range(0, B.shape[0], step):
                 Bb, Ab, wb = B[i : i + step].float(), A[i : i + step].float(), w[i : i + step]
                 Bb @ g.T
-                u.addmm_(wb.T, Ab)
+                _add_reduce(u, wb, Ab)  # addmm_, or the native kernel under --native
                 Ab @ d.T
-                v.addmm_(wb.T, Bb)
+                _add_reduce(v, wb, Bb)
 
     run()
     ts = []
@@ -554,13 +559,14 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--check-chunk", type=int, default=1024, help="chunk_size compared with automatic at the largest M (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument("--native", action="store_true", help="pinet with pinet.native enabled (needs g++ and AVX2)")
     p.add_argument("--quick", action="store_true", help="tiny network and sizes: a smoke test of a few seconds")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
     a = p.parse_args(argv)
-    cfg = Config(dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive)
+    cfg = Config(dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive, native=a.native)
     if a.quick:
         cfg = Config(d_in=48, r=16, depth=2, sizes=(64, 128, 256), repeats=2, warmup=1, bw_mbytes=16,
-                     dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive)  # fmt: skip
+                     dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive, native=a.native)  # fmt: skip
     if a.sizes:
         cfg.sizes = a.sizes
     if a.repeats:
@@ -578,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        return _run(cfg, a)
+        with pinet.native.use(cfg.native):
+            return _run(cfg, a)
     finally:
         torch.set_num_threads(threads)
 
@@ -600,7 +607,8 @@ def _run(cfg: Config, a: argparse.Namespace) -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     header = (
         f"InfPiMLP(d_in={cfg.d_in}, d_out={cfg.d_out}, r={cfg.r}, depth={cfg.depth}), batch {cfg.batch}, "
-        f"state {cfg.dtype}, chunk_size={cfg.chunk_size}, torch {torch.__version__}, "
+        f"state {cfg.dtype}, chunk_size={cfg.chunk_size}, pinet.native {'on' if cfg.native else 'off'}, "
+        f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average at end "
         f"{load[0]:.2f} / {load[1]:.2f} (1 / 5 min){_load_warning(load)}"
         + (" (quick: sizes too small for the targets to mean anything)" if a.quick else "")
@@ -611,7 +619,7 @@ def _run(cfg: Config, a: argparse.Namespace) -> dict:
         md.append(f"- {mark} {name}: {detail}")
     text = "\n".join(md) + "\n"
     print(text)
-    stem = a.out / f"bench_step_{cfg.dtype}"
+    stem = a.out / f"bench_step_{cfg.dtype}{'_native' if cfg.native else ''}"
     stem.with_suffix(".md").write_text(text)
     plot(rows, cfg, stem.with_suffix(".png"))
     result = {

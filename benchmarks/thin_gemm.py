@@ -2,14 +2,14 @@
 
 A π-layer's training step is four products of a tall state matrix (M × r, row-major) with a
 batch-sized operand: ``B ḡᵀ`` and ``A δᵀ`` ("dot": (M, r) @ (r, b)) and ``wᵀ A``, ``(∂L/∂q)ᵀ B``
-("reduce": (b, M) @ (M, r)). With b = 8 each does 2·b = 16 FLOPs per 4-byte element it reads, so
-a step reaches the memory-read floor of ``bench_step`` only if the CPU sustains
-``4 FLOP/byte × read bandwidth`` on these shapes. This probe measures, in one run, what it
-sustains: torch's BLAS and a hand-written AVX2/FMA kernel (register-blocked, OpenMP over row
-blocks, compiled here with ``g++ -O3 -march=native``), each on a state that streams from memory
-(M = 40,000 rows) and on one that stays in cache (M = 2,048 rows, 3.3 MB, repeated to the same
-FLOPs), next to the read bandwidth and the square-sgemm rate. The hand kernel is not used by pinet; it is here
-to tell a slow library apart from a compute-bound machine (issue 6).
+("reduce": (b, M) @ (M, r)). With b = 8 each does 2·b = 16 FLOPs per 4-byte element it reads, so a
+step reaches the memory-read floor of ``bench_step`` only if the CPU sustains ``4 FLOP/byte × read
+bandwidth`` on these shapes. This probe measures, in one run, what it sustains: torch's BLAS and
+hand-written AVX2/FMA kernels (register-blocked, OpenMP over row blocks: the dot compiled here with
+``g++ -O3 -march=native``, the reduce from :mod:`pinet.native`), each on a state that streams from
+memory (M = 40,000 rows) and on one that stays in cache (M = 2,048 rows, 3.3 MB, repeated to the
+same FLOPs), next to the read bandwidth and the square-sgemm rate, to tell a slow library apart from
+a compute-bound machine (issue 6).
 
 Writes ``thin_gemm.md`` and ``thin_gemm.json`` under ``--out``.
 """
@@ -30,18 +30,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import pinet
+
 from .bench_step import PASSES, Config, flops_per_row, read_bandwidth, sgemm_rate
 
-# Two kernels, float32 only (the benchmark's storage dtype).
-#   dot:    Y (M, n) = X (M, K) @ W(n, K)ᵀ   2 rows × 4 columns of 8-wide FMA accumulators over K
-#   reduce: Z (n, K) += V(M, n)ᵀ @ X (M, K)  one column of V × 64 floats of K per register tile,
-#           rows in blocks of 64 (100 KB at K = 400, in L2) so the columns re-read X from cache;
-#           one partial Z per thread, summed at the end.
-# Both handle any M, K, n (masked loads for the K tail). Register blocking was picked by measuring
-# (2×4, 3×4, 4×2 for dot; 1×64, 2×32, 4×16, 8×8 floats for reduce) on the development machine.
+# The dot kernel, float32 only (the benchmark's storage dtype): Y (M, n) = X (M, K) @ W(n, K)ᵀ with
+# 2 rows × 4 columns of 8-wide FMA accumulators over K, OpenMP over pairs of rows, masked loads for
+# the K tail, any M and n. The blocking was picked by measuring 2×4, 3×4 and 4×2 on the development
+# machine. The reduce kernel is pinet's own (:mod:`pinet.native`).
 KERNEL_SOURCE = r"""
 #include <cstdint>
-#include <vector>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -98,58 +96,12 @@ extern "C" void thin_dot(const float* X, int64_t M, int64_t K, const float* W, i
   for (int64_t i = 0; i < M / 2; ++i) dot_rows<2>(X + 2 * i * K, K, W, n, Y + 2 * i * n);
   if (M % 2) dot_rows<1>(X + (M - 1) * K, K, W, n, Y + (M - 1) * n);
 }
-
-template <int KV, bool TAIL>
-static inline void red_tile(const float* V, int64_t n, const float* X, int64_t K, int64_t rows,
-                            float* Z, __m256i m) {
-  __m256 acc[KV];
-  for (int v = 0; v < KV; ++v)
-    acc[v] = (TAIL && v == KV - 1) ? _mm256_maskload_ps(Z + 8 * v, m) : _mm256_loadu_ps(Z + 8 * v);
-  for (int64_t i = 0; i < rows; ++i) {
-    const __m256 s = _mm256_broadcast_ss(V + i * n);
-    for (int v = 0; v < KV; ++v) {
-      const __m256 x = (TAIL && v == KV - 1) ? _mm256_maskload_ps(X + i * K + 8 * v, m)
-                                             : _mm256_loadu_ps(X + i * K + 8 * v);
-      acc[v] = _mm256_fmadd_ps(s, x, acc[v]);
-    }
-  }
-  for (int v = 0; v < KV; ++v) {
-    if (TAIL && v == KV - 1) _mm256_maskstore_ps(Z + 8 * v, m, acc[v]);
-    else _mm256_storeu_ps(Z + 8 * v, acc[v]);
-  }
-}
-
-static void red_column(const float* V, int64_t n, const float* X, int64_t K, int64_t rows, float* Z) {
-  const __m256i all = _mm256_set1_epi32(-1);
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) red_tile<8, false>(V, n, X + k, K, rows, Z + k, all);
-  for (; k + 8 <= K; k += 8) red_tile<1, false>(V, n, X + k, K, rows, Z + k, all);
-  if (k < K) red_tile<1, true>(V, n, X + k, K, rows, Z + k, tail_mask(K - k));
-}
-
-extern "C" void thin_reduce(const float* V, int64_t M, int64_t n, const float* X, int64_t K, float* Z,
-                            int nthreads) {
-  const int64_t RB = 64;
-  std::vector<float> part((size_t)nthreads * n * K, 0.f);
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* Zt = part.data() + (size_t)t * n * K;
-    const int64_t per = (M + nt - 1) / nt;
-    const int64_t a = t * per < M ? t * per : M, e = a + per < M ? a + per : M;
-    for (int64_t r0 = a; r0 < e; r0 += RB) {
-      const int64_t rows = r0 + RB < e ? RB : e - r0;
-      for (int64_t j = 0; j < n; ++j) red_column(V + r0 * n + j, n, X + r0 * K, K, rows, Zt + j * K);
-    }
-  }
-  for (int t = 0; t < nthreads; ++t)
-    for (int64_t q = 0; q < n * K; ++q) Z[q] += part[(size_t)t * n * K + q];
-}
 """
 
 
 class HandKernels:
-    """The probe's AVX2 kernels, compiled with ``g++`` into a temporary folder and loaded by ctypes.
+    """Hand-written AVX2 kernels: the probe's dot, compiled with ``g++`` into a temporary folder
+    and loaded by ctypes, and :func:`pinet.native.reduce_into`.
 
     Raises ``RuntimeError`` (saying what is missing) without ``g++`` on PATH or without AVX2 in
     torch's CPU capability; nothing falls back silently.
@@ -174,7 +126,7 @@ class HandKernels:
             self._lib = ctypes.CDLL(str(lib))
         P, I = ctypes.c_void_p, ctypes.c_int64
         self._lib.thin_dot.argtypes = [P, I, I, P, I, P, ctypes.c_int]
-        self._lib.thin_reduce.argtypes = [P, I, I, P, I, P, ctypes.c_int]
+        pinet.native.reduce_into(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1))  # builds it
 
     @staticmethod
     def _check(name: str, t: torch.Tensor) -> None:
@@ -194,15 +146,8 @@ class HandKernels:
         return Y
 
     def reduce(self, V: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        """``Vᵀ @ X``: V (M, n), X (M, K) -> (n, K)."""
-        self._check("V", V)
-        self._check("X", X)
-        if V.shape[0] != X.shape[0]:
-            raise ValueError(f"HandKernels.reduce: V must have M = {X.shape[0]} rows, got {V.shape[0]}")
-        Z = torch.zeros(V.shape[1], X.shape[1])
-        self._lib.thin_reduce(V.data_ptr(), X.shape[0], V.shape[1], X.data_ptr(), X.shape[1], Z.data_ptr(),
-                              torch.get_num_threads())  # fmt: skip
-        return Z
+        """``Vᵀ @ X``: V (M, n), X (M, K) -> (n, K), by :func:`pinet.native.reduce_into`."""
+        return pinet.native.reduce_into(torch.zeros(V.shape[1], X.shape[1]), V, X)
 
 
 def _interleaved_medians(fns: list, repeats: int) -> list[float]:

@@ -2,10 +2,11 @@
 
 Main entry points: :class:`InfPiMLP`, :class:`FinPiMLP`, the layers in :mod:`pinet.layers`, the
 state modules :class:`PiState` / :class:`FinPiState`, the optimizer wrapper
-:class:`pinet.optim.PiOptimizerWrapper` and the gradient hooks in :mod:`pinet.hooks`.
+:class:`pinet.optim.PiOptimizerWrapper` and the gradient hooks in :mod:`pinet.hooks`; an opt-in
+AVX2 kernel for CPU training in :mod:`pinet.native`.
 """
 
-from . import baselines, compat, functional, hooks, optim
+from . import baselines, compat, functional, hooks, native, optim
 from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer
 from .models import FinPiMLP, InfPiMLP
 from .state import FinPiState, PiRows, PiState
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "native",
     "compat",
     "baselines",
     "hooks",

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import native
+
 __all__ = [
     "J",
     "J_prime",
@@ -120,6 +122,8 @@ def pi_layer(
     Storage rows are read in their own dtype and converted block by block, so half-precision
     storage halves the memory traffic while every product and sum runs in ``g``'s dtype. Autograd
     gradients with respect to ``g``, ``A``, ``B`` and ``c`` are exact (double backward included).
+    With :func:`pinet.native.enable` in effect, float32 CPU products summed over the rows
+    (``wᵀ A``, ``(∂L/∂q)ᵀ B``) run in pinet's AVX2 kernel instead of torch's BLAS.
     """
     s, gbar = normalize_rows(g)
     if layernorm:
@@ -173,6 +177,15 @@ def _j_parts(q: Tensor, acos_out: Tensor | None = None) -> tuple[Tensor, Tensor]
     return j, acos
 
 
+def _add_reduce(out: Tensor, V: Tensor, X: Tensor) -> None:
+    """``out += Vᵀ X``: out (n, K), V (m, n), X (m, K). The native kernel serves float32 CPU
+    tensors when :func:`pinet.native.enable` is in effect; everything else is ``addmm_``."""
+    if native.enabled() and out.dtype == torch.float32 and out.device.type == "cpu":
+        native.reduce_into(out, V, X)
+    else:
+        out.addmm_(V.T, X)
+
+
 def _pi_product_forward(
     gbar: Tensor, A: Tensor, B: Tensor, c: Tensor, chunk_size: int | None, keep: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -195,7 +208,7 @@ def _pi_product_forward(
         q = B[start:stop].to(dt) @ gT  # (m, b) cosines
         w, _ = _j_parts(q, None if acos_all is None else acos_all[start:stop])
         w.mul_(c[start:stop, None].to(dt) / _TWO_PI)  # (m, b) = J(q) c
-        u.addmm_(w.T, A[start:stop].to(dt))
+        _add_reduce(u, w, A[start:stop].to(dt))
     return u, acos_all
 
 
@@ -257,7 +270,7 @@ class _PiProduct(torch.autograd.Function):
             if need_g or need_B:
                 gq = gw.mul_(acos).mul_(cb)  # (m, b) = ∂L/∂q; gw is not needed after this
                 if need_g:
-                    g_gbar.addmm_(gq.T, Bb)
+                    _add_reduce(g_gbar, gq, Bb)
                 if need_B:
                     g_B[start:stop] = gq @ gbar
         return (
