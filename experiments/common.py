@@ -13,6 +13,7 @@ Shapes: inputs are flattened to ``(b, d_in)``, labels are ``(b,)`` class indices
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -242,6 +243,9 @@ def add_training_args(
     arg("--threads", type=int, default=None,
         help="torch CPU threads (None: torch's choice). On a machine shared with other jobs --threads 1 "
              "avoids OpenMP oversubscription, which can slow small steps down many times")
+    arg("--native", action="store_true",
+        help="run the π-product's float32 reduce products in pinet.native's AVX2 kernel (x86-64 with AVX2 "
+             "and g++; an error if unavailable). 20-23%% faster steps at 20k-40k rows on the development CPU")
     parser.set_defaults(_default_precision=default_precision)
 
     io = parser.add_argument_group("outputs, checkpoints, evaluation" if single_run else "data subsets")
@@ -604,7 +608,7 @@ def load_model_file(path: str, device=None) -> nn.Module:
 # --epochs and --save-dir from the command line when given (else from the checkpoint / its
 # directory), and every other flag from the checkpoint (giving a different value is an error).
 _CLI_ONLY = {"resume", "no_progress", "human", "test", "model_path", "_default_precision", "threads",
-             "chunk_size", "cuda", "data", "download", "save_model", "test_batch_size", "stop_after"}
+             "native", "chunk_size", "cuda", "data", "download", "save_model", "test_batch_size", "stop_after"}
 _CHANGEABLE = {"epochs", "save_dir"}
 
 
@@ -816,10 +820,15 @@ def cli(
         device = resolve_device(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        data = make_data(args)
-        if args.test:
-            return run_test(args, data, device)
-        return fit(args, data, device=device, checkpoint=checkpoint, progress=progress(args))
+        with contextlib.ExitStack() as scope:
+            try:  # the setting is restored on return: cli() also runs inside other programs and tests
+                scope.enter_context(pinet.native.use(args.native))
+            except pinet.native.NativeUnavailable as e:
+                raise CLIError(f"--native: {e}") from None
+            data = make_data(args)
+            if args.test:
+                return run_test(args, data, device)
+            return fit(args, data, device=device, checkpoint=checkpoint, progress=progress(args))
     except CLIError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -187,3 +187,36 @@ def test_bench_step_native_quick_smoke(tmp_path):
     text = (tmp_path / "bench_step_float32_native.md").read_text()
     assert "pinet.native on" in text
     assert res["chunk_check"]["out_rel_diff"] < 1e-5
+
+
+def _train_log(argv, tmp_path, name):
+    import csv
+
+    from experiments import train
+
+    train.main(argv + ["--save-dir", str(tmp_path / name)])
+    with open(tmp_path / name / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_main_job_native_flag_trains_the_same_net(tmp_path):
+    fast = "--train-subset 300 --test-subset 200 --r 32 --batch-size 16 --epochs 2 --no-progress".split()
+    off = _train_log(fast, tmp_path, "off")
+    on = _train_log(fast + ["--native"], tmp_path, "on")
+    assert not native.enabled()  # the job restores the setting
+    for a, b in zip(off, on):
+        # float32 runs that differ only in the summation order of two products per π-layer
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
+        assert a["M_layer1"] == b["M_layer1"]
+
+
+def test_main_job_native_flag_is_a_clear_error_when_unavailable(monkeypatch, tmp_path, capsys):
+    from experiments import train
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--epochs", "1", "--no-progress", "--native"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m experiments.train: error: --native: pinet.native compiles its kernel")
