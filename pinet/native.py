@@ -5,7 +5,7 @@ Two of the four products of a π-layer's step are reductions over the rows of th
 batch ``b``. On the 2-core AMD EPYC (Zen 1) this project is developed on, MKL runs them at 17-26
 GFLOP/s while the ``(M, r) @ (r, b)`` products of the same step reach 36; the AVX2 kernel here
 runs them at 30-35 (``python -m benchmarks.thin_gemm``), and a float32 training step of the
-benchmark network at M = 40,000 takes about 25% less time (``python -m benchmarks.bench_step
+benchmark network at M = 20,000-40,000 takes 20-25% less time (``python -m benchmarks.bench_step
 --native``). Elsewhere the gain may be nil or negative: measure before enabling it.
 
 The kernel is C++ compiled on first use with ``g++ -O3 -mavx2 -mfma -fopenmp`` into
