@@ -5,11 +5,11 @@ batch-sized operand: ``B ḡᵀ`` and ``A δᵀ`` ("dot": (M, r) @ (r, b)) and `
 ("reduce": (b, M) @ (M, r)). With b = 8 each does 2·b = 16 FLOPs per 4-byte element it reads, so a
 step reaches the memory-read floor of ``bench_step`` only if the CPU sustains ``4 FLOP/byte × read
 bandwidth`` on these shapes. This probe measures, in one run, what it sustains: torch's BLAS and
-hand-written AVX2/FMA kernels (register-blocked, OpenMP over row blocks: the dot compiled here with
-``g++ -O3 -march=native``, the reduce from :mod:`pinet.native`), each on a state that streams from
-memory (M = 40,000 rows) and on one that stays in cache (M = 2,048 rows, 3.3 MB, repeated to the
-same FLOPs), next to the read bandwidth and the square-sgemm rate, to tell a slow library apart from
-a compute-bound machine (issue 6).
+hand-written AVX2/FMA kernels (register-blocked, OpenMP over row blocks: the dot defined here, the
+reduce from :mod:`pinet.native`, both compiled by :mod:`pinet.native`'s build step), each on a state
+that streams from memory (M = 40,000 rows) and on one that stays in cache (M = 2,048 rows, 3.3 MB,
+repeated to the same FLOPs), next to the read bandwidth and the square-sgemm rate, to tell a slow
+library apart from a compute-bound machine (issue 6).
 
 Writes ``thin_gemm.md`` and ``thin_gemm.json`` under ``--out``.
 """
@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,21 +35,12 @@ from .bench_step import PASSES, Config, flops_per_row, read_bandwidth, sgemm_rat
 # 2 rows × 4 columns of 8-wide FMA accumulators over K, OpenMP over pairs of rows, masked loads for
 # the K tail, any M and n. The blocking was picked by measuring 2×4, 3×4 and 4×2 on the development
 # machine. The reduce kernel is pinet's own (:mod:`pinet.native`).
-KERNEL_SOURCE = r"""
-#include <cstdint>
-#include <immintrin.h>
-#include <omp.h>
-
+KERNEL_SOURCE = pinet.native.PRELUDE + r"""
 static inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-static inline __m256i tail_mask(int64_t rem) {  // first rem (1..7) lanes
-  alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  return _mm256_loadu_si256((const __m256i*)(m + 8 - rem));
 }
 
 template <int R, int C>
@@ -100,44 +88,23 @@ extern "C" void thin_dot(const float* X, int64_t M, int64_t K, const float* W, i
 
 
 class HandKernels:
-    """Hand-written AVX2 kernels: the probe's dot, compiled with ``g++`` into a temporary folder
-    and loaded by ctypes, and :func:`pinet.native.reduce_into`.
+    """Hand-written AVX2 kernels: the probe's dot and :func:`pinet.native.reduce_into`, both built
+    by pinet.native's compiler step (cached in ``$PINET_CACHE``).
 
-    Raises ``RuntimeError`` (saying what is missing) without ``g++`` on PATH or without AVX2 in
-    torch's CPU capability; nothing falls back silently.
+    Raises :class:`pinet.native.NativeUnavailable` (a ``RuntimeError`` saying what is missing:
+    x86-64 with AVX2, g++, a successful build); nothing falls back silently.
     """
 
     def __init__(self) -> None:
-        cxx = shutil.which("g++")
-        if cxx is None:
-            raise RuntimeError("benchmarks.thin_gemm: the hand kernel needs g++ on PATH; none found")
-        cap = torch.backends.cpu.get_cpu_capability()
-        if not cap.startswith("AVX2") and not cap.startswith("AVX512"):
-            raise RuntimeError(f"benchmarks.thin_gemm: the hand kernel needs AVX2 + FMA; this CPU has {cap}")
-        with tempfile.TemporaryDirectory() as d:
-            src, lib = Path(d) / "thin.cpp", Path(d) / "thin.so"
-            src.write_text(KERNEL_SOURCE)
-            cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"benchmarks.thin_gemm: compiling the hand kernel failed:\n{done.stderr}")
-            # Loaded while the file exists; the mapping outlives the folder. Its libgomp.so.1
-            # resolves to the one torch already loaded, so both share one OpenMP thread pool.
-            self._lib = ctypes.CDLL(str(lib))
+        self._lib = pinet.native._compile(KERNEL_SOURCE, "thin_gemm_probe")
         P, I = ctypes.c_void_p, ctypes.c_int64
         self._lib.thin_dot.argtypes = [P, I, I, P, I, P, ctypes.c_int]
-        pinet.native.reduce_into(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1))  # builds it
-
-    @staticmethod
-    def _check(name: str, t: torch.Tensor) -> None:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 2:
-            raise ValueError(f"HandKernels: {name} must be a contiguous 2-d float32 CPU tensor, got "
-                             f"{t.dtype} {t.device} shape {tuple(t.shape)} contiguous={t.is_contiguous()}")  # fmt: skip
+        pinet.native._load()
 
     def dot(self, X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """``X @ Wᵀ``: X (M, K), W (n, K) -> (M, n)."""
-        self._check("X", X)
-        self._check("W", W)
+        pinet.native._check("HandKernels.dot", "X", X)
+        pinet.native._check("HandKernels.dot", "W", W)
         if W.shape[1] != X.shape[1]:
             raise ValueError(f"HandKernels.dot: W must have K = {X.shape[1]} columns, got {W.shape[1]}")
         Y = torch.empty(X.shape[0], W.shape[0])

@@ -41,7 +41,8 @@ __all__ = ["NativeUnavailable", "enable", "disable", "enabled", "use", "reduce_i
 # register tile (8 AVX accumulators; measured faster from memory than 2×32, 4×16 or 8×8 tiles).
 # A block's sum starts from zero and is then added to the partial, so a float32 result carries
 # rounding of order eps·(64 + M/64) rather than eps·M.
-_SOURCE = r"""
+# PRELUDE is shared with other AVX2 sources built by :func:`_compile` (the benchmark's probe).
+PRELUDE = r"""
 #include <cstdint>
 #include <vector>
 #include <immintrin.h>
@@ -51,7 +52,9 @@ static inline __m256i tail_mask(int64_t rem) {  // first rem (1..7) lanes
   alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
   return _mm256_loadu_si256((const __m256i*)(m + 8 - rem));
 }
+"""
 
+_SOURCE = PRELUDE + r"""
 template <int KV, bool TAIL>
 static inline void block_tile(const float* V, int64_t n, const float* X, int64_t K, int64_t rows,
                               float* Z, __m256i m) {
@@ -117,11 +120,10 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("PINET_CACHE") or Path.home() / ".cache" / "pinet")
 
 
-def _load() -> ctypes.CDLL:
-    """Build (once per compiler, source and flags; cached on disk) and load the kernel library."""
-    global _lib
-    if _lib is not None:
-        return _lib
+def _compile(source: str, name: str) -> ctypes.CDLL:
+    """Compile C++ ``source`` with ``g++ -O3 -mavx2 -mfma -fopenmp`` (once per compiler, source and flags; cached
+    as ``$PINET_CACHE/<name>_<hash>.so``) and load it. Raises :class:`NativeUnavailable` saying
+    what is missing: an x86-64 CPU with AVX2, a compiler, or a successful build."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise NativeUnavailable(f"pinet.native needs an x86-64 CPU with AVX2; this is {platform.machine()}")
     cap = torch.backends.cpu.get_cpu_capability()
@@ -131,25 +133,32 @@ def _load() -> ctypes.CDLL:
     if cxx is None:
         raise NativeUnavailable("pinet.native compiles its kernel with g++ (or $CXX); none found on PATH")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256("\n".join([_SOURCE, cxx, version, *_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([source, cxx, version, *_FLAGS]).encode()).hexdigest()[:16]
     cache = _cache_dir()
-    target = cache / f"pinet_native_{key}.so"
+    target = cache / f"{name}_{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: concurrent processes never load a half-written file.
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, out = Path(tmp) / "pinet_native.cpp", Path(tmp) / "pinet_native.so"
-            src.write_text(_SOURCE)
+            src, out = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
+            src.write_text(source)
             done = subprocess.run([cxx, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
             if done.returncode != 0:
                 raise NativeUnavailable(f"pinet.native: compiling the kernel with {cxx} failed:\n{done.stderr}")
             os.replace(out, target)
-    lib = ctypes.CDLL(str(target))
-    P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.pinet_reduce_f32.argtypes = [P, I, I, P, I, P, ctypes.c_int]
-    lib.pinet_reduce_f32.restype = None
-    _lib = lib
-    return lib
+    return ctypes.CDLL(str(target))
+
+
+def _load() -> ctypes.CDLL:
+    """Build (cached on disk) and load pinet's kernel library, once per process."""
+    global _lib
+    if _lib is None:
+        lib = _compile(_SOURCE, "pinet_native")
+        P, I = ctypes.c_void_p, ctypes.c_int64
+        lib.pinet_reduce_f32.argtypes = [P, I, I, P, I, P, ctypes.c_int]
+        lib.pinet_reduce_f32.restype = None
+        _lib = lib
+    return _lib
 
 
 def enable(on: bool = True) -> None:
@@ -184,10 +193,12 @@ def use(on: bool = True) -> Iterator[None]:
         enable(before)
 
 
-def _check(name: str, t: Tensor) -> None:
+def _check(where: str, name: str, t: Tensor) -> None:
+    """Raise ``ValueError`` naming ``where`` and ``name`` unless ``t`` is a contiguous 2-d float32
+    CPU tensor (what the kernels read through a raw pointer)."""
     if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or not t.is_contiguous():
         raise ValueError(
-            f"pinet.native.reduce_into: {name} must be a contiguous 2-d float32 CPU tensor, got "
+            f"{where}: {name} must be a contiguous 2-d float32 CPU tensor, got "
             f"{t.dtype} on {t.device} with shape {tuple(t.shape)}, contiguous={t.is_contiguous()}"
         )
 
@@ -199,7 +210,7 @@ def reduce_into(out: Tensor, V: Tensor, X: Tensor) -> Tensor:
     lib = _load()
     V = V.contiguous()
     for name, t in (("out", out), ("V", V), ("X", X)):
-        _check(name, t)
+        _check("pinet.native.reduce_into", name, t)
     M, K = X.shape
     n = V.shape[1]
     if V.shape[0] != M:
