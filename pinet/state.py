@@ -9,12 +9,11 @@ wrapper has not applied yet. :class:`FinPiState` holds a finite layer's ``Ω`` (
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .rows import PiRows
 
 __all__ = ["PiState", "PiRows", "FinPiState"]
 
@@ -24,32 +23,6 @@ _HALF = (torch.float16, torch.bfloat16)
 def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
     # Coefficients accumulate -lr * (1 - lr*wd)^t products over the whole run: never below fp32.
     return torch.float32 if dtype in _HALF else dtype
-
-
-class PiRows(NamedTuple):
-    """A π-gradient: ``k`` rows ``A`` (k, r_out), ``B`` (k, r) and their coefficient gradient
-    ``coef`` (k,). Appending them to a :class:`PiState` and giving ``c`` the gradient ``coef`` on
-    the new rows is the projected gradient step of the infinite layer."""
-
-    A: Tensor
-    B: Tensor
-    coef: Tensor
-
-    @property
-    def rows(self) -> int:
-        return self.A.shape[0]
-
-    def cat(self, other: "PiRows") -> "PiRows":
-        """Concatenate rows (the sum of two π-gradients)."""
-        return PiRows(*(torch.cat([x, y]) for x, y in zip(self, other)))
-
-    def scale(self, factor: Tensor | float) -> "PiRows":
-        """Multiply the update by ``factor`` (acts on ``coef`` only; rows stay as captured)."""
-        return PiRows(self.A, self.B, self.coef * factor)
-
-    def sqnorm(self) -> Tensor:
-        """``‖Δ‖²`` of this update (see :func:`pinet.functional.pi_rows_sqnorm`)."""
-        return F.pi_rows_sqnorm(self.A, self.B, self.coef)
 
 
 class PiState(nn.Module):

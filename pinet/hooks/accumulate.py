@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..state import PiRows
+from ..rows import PiRows
 from .base import GradHook, Grads, HookContext
 
 __all__ = ["Accumulate"]
@@ -39,7 +39,7 @@ class Accumulate(GradHook):
         return acc, self.init(ctx)
 
     def state_to_dict(self, state):
-        grads = {k: (dict(g._asdict()) | {"_pi_rows": True}) if isinstance(g, PiRows) else g for k, g in state["grads"].items()}
+        grads = {k: {"A": g.A, "B": g.B, "coef": g.coef, "_pi_rows": True} if isinstance(g, PiRows) else g for k, g in state["grads"].items()}
         return {"count": state["count"], "grads": grads}
 
     def state_from_dict(self, data, ctx: HookContext):

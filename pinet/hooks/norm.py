@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..state import PiRows
+from ..rows import PiRows
 from .base import GradHook, Grads, HookContext
 
 __all__ = ["grad_sqnorms", "total_norm", "GradNorm"]
