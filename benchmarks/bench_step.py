@@ -54,7 +54,7 @@ from torch.nn import functional as TF
 from tqdm import tqdm
 
 import pinet
-from pinet.functional import _add_reduce
+from pinet.kernels.torch_ops import native_reduce, torch_reduce
 from pinet.hooks import ClipGradNorm
 from pinet.optim import PiOptimizerWrapper
 
@@ -197,6 +197,8 @@ def gemm_time(net: pinet.InfPiMLP, batch: int, repeats: int, block: int = 8192) 
         step = st.rows if A.dtype == torch.float32 else block
         ops.append((A, B, g, d, w, step))
 
+    reduce = native_reduce if pinet.native.enabled() else torch_reduce
+
     def run():
         for A, B, g, d, w, step in ops:
             u = g.new_zeros(g.shape[0], A.shape[1])
@@ -204,9 +206,9 @@ def gemm_time(net: pinet.InfPiMLP, batch: int, repeats: int, block: int = 8192) 
             for i in range(0, B.shape[0], step):
                 Bb, Ab, wb = B[i : i + step].float(), A[i : i + step].float(), w[i : i + step]
                 Bb @ g.T
-                _add_reduce(u, wb, Ab)  # addmm_, or the native kernel under --native
+                reduce(u, wb, Ab)  # addmm_, or the native kernel under --native
                 Ab @ d.T
-                _add_reduce(v, wb, Bb)
+                reduce(v, wb, Bb)
 
     run()
     ts = []
@@ -227,7 +229,7 @@ def layer_temporaries(net: pinet.InfPiMLP, batch: int, chunk_size: int | None, g
         g = torch.randn(batch, st.r_in, generator=gen).requires_grad_()
 
         def fwd_bwd():
-            pinet.functional.pi_layer(g, st.A, st.B, st.c.detach(), chunk_size=chunk_size)[0].sum().backward()
+            pinet.kernels.pi_layer(g, st.A, st.B, st.c.detach(), chunk_size=chunk_size)[0].sum().backward()
 
         fwd_bwd()
         temps.append(alloc_profile(fwd_bwd)[0])

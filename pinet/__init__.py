@@ -2,19 +2,22 @@
 
 Main entry points: :class:`InfPiMLP`, :class:`FinPiMLP`, the layers in :mod:`pinet.layers`, the
 state modules :class:`PiState` / :class:`FinPiState`, the optimizer wrapper
-:class:`pinet.optim.PiOptimizerWrapper` and the gradient hooks in :mod:`pinet.hooks`; an opt-in
-AVX2 kernel for CPU training in :mod:`pinet.native`.
+:class:`pinet.optim.PiOptimizerWrapper` and the gradient hooks in :mod:`pinet.hooks`; the
+π-product's kernel backends (torch, an opt-in AVX2 reduce kernel, an opt-in Triton kernel for
+CUDA) in :mod:`pinet.kernels`.
 """
 
-from . import baselines, compat, functional, hooks, native, optim
+from . import baselines, compat, functional, hooks, kernels, native, optim
 from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer
 from .models import FinPiMLP, InfPiMLP
+from .features import feature_kernel
 from .state import FinPiState, PiRows, PiState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "kernels",
     "native",
     "compat",
     "baselines",
@@ -29,4 +32,5 @@ __all__ = [
     "FinPiLayer",
     "InfPiMLP",
     "FinPiMLP",
+    "feature_kernel",
 ]

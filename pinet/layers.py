@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
+from . import kernels
 from .state import FinPiState, PiState
 
 __all__ = ["InfPiInput", "InfPiLayer", "FinPiInput", "FinPiLayer"]
@@ -195,7 +195,7 @@ class InfPiLayer(_Multipliers):
         st = self.state
         c = st.c
         g = g.to(c.dtype)
-        out, s, gbar = F.pi_layer(g, st.A, st.B, c.detach(), layernorm=self.layernorm, chunk_size=self.chunk_size)
+        out, s, gbar = kernels.pi_layer(g, st.A, st.B, c.detach(), layernorm=self.layernorm, chunk_size=self.chunk_size)
         out = self._add_bias(out)
         if torch.is_grad_enabled() and c.requires_grad:
             if not out.requires_grad:

@@ -11,8 +11,8 @@ import torch
 from torch.nn import functional as TF
 
 import pinet
-from pinet import functional as F
-from pinet import native
+from pinet import kernels, native
+from pinet.kernels import native as knative
 from pinet.hooks import ClipGradNorm
 from pinet.optim import PiOptimizerWrapper
 
@@ -29,7 +29,7 @@ def _kernel():
 @pytest.fixture(autouse=True)
 def _off_after():
     yield
-    native.disable()
+    kernels.set_backend("auto")
 
 
 def _rel(got, ref):
@@ -106,7 +106,7 @@ def test_pi_product_and_all_gradients_match_torch_path(chunk):
     def run(dtype, on):
         ins = [t.to(dtype, copy=True).requires_grad_() for t in (g64, A64, B64, c64)]
         with native.use(on):
-            out = F.pi_layer(*ins, chunk_size=chunk)[0]
+            out = kernels.pi_layer(*ins, chunk_size=chunk)[0]
             (out * weight.to(dtype)).sum().backward()
         return [out.detach()] + [t.grad for t in ins]
 
@@ -123,9 +123,9 @@ def test_native_only_serves_float32_cpu():
     A = torch.randn(300, 5, generator=gen, dtype=torch.float64)
     B = TF.normalize(torch.randn(300, 16, generator=gen, dtype=torch.float64), dim=1)
     c = torch.randn(300, generator=gen, dtype=torch.float64)
-    off = F.pi_layer(g, A, B, c)[0]
+    off = kernels.pi_layer(g, A, B, c)[0]
     with native.use():
-        on = F.pi_layer(g, A, B, c)[0]
+        on = kernels.pi_layer(g, A, B, c)[0]
     assert torch.equal(on, off)
 
 
@@ -150,7 +150,7 @@ def test_training_with_native_matches_training_without():
 
 
 def test_missing_compiler_raises_instead_of_falling_back(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(knative, "_lib", None)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     monkeypatch.setenv("PINET_CACHE", str(tmp_path))
     with pytest.raises(native.NativeUnavailable, match=r"g\+\+ \(or \$CXX\); none found"):
@@ -159,8 +159,8 @@ def test_missing_compiler_raises_instead_of_falling_back(monkeypatch, tmp_path):
 
 
 def test_build_failure_is_reported_with_the_compiler_output(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_SOURCE", native._SOURCE + "\nthis is not C++;\n")
+    monkeypatch.setattr(knative, "_lib", None)
+    monkeypatch.setattr(knative, "_SOURCE", knative._SOURCE + "\nthis is not C++;\n")
     monkeypatch.setenv("PINET_CACHE", str(tmp_path))
     with pytest.raises(native.NativeUnavailable, match="compiling the kernel with .* failed"):
         native.enable()
@@ -168,13 +168,13 @@ def test_build_failure_is_reported_with_the_compiler_output(monkeypatch, tmp_pat
 
 
 def test_built_kernel_is_cached_on_disk(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(knative, "_lib", None)
     monkeypatch.setenv("PINET_CACHE", str(tmp_path))
-    native._load()
+    knative._load()
     (so,) = tmp_path.glob("pinet_native_*.so")
     stamp = so.stat().st_mtime_ns
-    monkeypatch.setattr(native, "_lib", None)
-    native._load()  # a second process (here: a reset module) reuses the file
+    monkeypatch.setattr(knative, "_lib", None)
+    knative._load()  # a second process (here: a reset module) reuses the file
     assert so.stat().st_mtime_ns == stamp
 
 
@@ -213,7 +213,7 @@ def test_main_job_native_flag_trains_the_same_net(tmp_path):
 def test_main_job_native_flag_is_a_clear_error_when_unavailable(monkeypatch, tmp_path, capsys):
     from experiments import train
 
-    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(knative, "_lib", None)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     with pytest.raises(SystemExit) as e:
         train.main(["--epochs", "1", "--no-progress", "--native"])

@@ -1,6 +1,6 @@
 """Performance contracts that can be checked without a clock (issue 6).
 
-* the block-wise π-layer product (:class:`pinet.functional._PiProduct`) equals the plain autograd
+* the block-wise π-layer product (:class:`pinet.kernels.torch_ops.PiProduct`) equals the plain autograd
   formula, chunked or not, gradients included (every input, double backward too);
 * half-precision π-state (bfloat16, float16) stays within a documented error of float32 after
   100 training steps, with coefficients and accumulation in float32;
@@ -24,6 +24,7 @@ from torch.nn import functional as TF
 
 import pinet
 from pinet import functional as F
+from pinet import kernels
 from pinet.hooks import ClipGradNorm
 from pinet.optim import PiOptimizerWrapper
 
@@ -58,7 +59,7 @@ def _grads(fn, inputs):
 def test_product_and_all_gradients_match_plain_autograd(chunk, layernorm):
     x = torch.randn(5, 4, dtype=D, requires_grad=True)
     A, B, c = (t.requires_grad_() for t in _rows(23, 4, 3))
-    fast = lambda x, A, B, c: F.pi_layer(x, A, B, c, layernorm=layernorm, chunk_size=chunk)[0]  # noqa: E731
+    fast = lambda x, A, B, c: kernels.pi_layer(x, A, B, c, layernorm=layernorm, chunk_size=chunk)[0]  # noqa: E731
     slow = lambda x, A, B, c: _reference(x, A, B, c, layernorm)  # noqa: E731
     out_f, g_f = _grads(fast, (x, A, B, c))
     out_s, g_s = _grads(slow, (x, A, B, c))
@@ -71,7 +72,7 @@ def test_product_and_all_gradients_match_plain_autograd(chunk, layernorm):
 def test_product_gradcheck_and_gradgradcheck(chunk):
     x = torch.randn(3, 4, dtype=D, requires_grad=True)
     A, B, c = (t.requires_grad_() for t in _rows(9, 4, 2))
-    f = lambda x, A, B, c: F.pi_layer(x, A, B, c, chunk_size=chunk)[0]  # noqa: E731
+    f = lambda x, A, B, c: kernels.pi_layer(x, A, B, c, chunk_size=chunk)[0]  # noqa: E731
     assert gradcheck(f, (x, A, B, c))
     assert gradgradcheck(f, (x, A, B, c))
 
@@ -81,7 +82,7 @@ def test_only_input_requires_grad_uses_fast_path_and_is_exact():
     x = torch.randn(8, 16, dtype=D, requires_grad=True)
     A, B, c = _rows(300, 16, 7)
     for chunk in (None, 64):
-        out, (gx,) = _grads(lambda x: F.pi_layer(x, A, B, c, chunk_size=chunk)[0], (x,))
+        out, (gx,) = _grads(lambda x: kernels.pi_layer(x, A, B, c, chunk_size=chunk)[0], (x,))
         ref, (rx,) = _grads(lambda x: _reference(x, A, B, c), (x,))
         assert out.grad_fn is not None
         assert torch.allclose(out, ref, atol=1e-13) and torch.allclose(gx, rx, atol=1e-12)
@@ -91,9 +92,9 @@ def test_float32_chunked_equals_unchunked_to_rounding():
     torch.manual_seed(1)
     x = torch.randn(8, 64, requires_grad=True)
     A, B, c = _rows(5000, 64, 32, dtype=torch.float32)
-    out, (g,) = _grads(lambda x: F.pi_layer(x, A, B, c)[0], (x,))
+    out, (g,) = _grads(lambda x: kernels.pi_layer(x, A, B, c)[0], (x,))
     for chunk in (1000, 333):
-        out_c, (g_c,) = _grads(lambda x: F.pi_layer(x, A, B, c, chunk_size=chunk)[0], (x,))
+        out_c, (g_c,) = _grads(lambda x: kernels.pi_layer(x, A, B, c, chunk_size=chunk)[0], (x,))
         # Summation order only: float32 rounding of a 5000-term sum.
         assert torch.allclose(out_c, out, rtol=1e-5, atol=1e-5 * float(out.detach().abs().max()))
         assert torch.allclose(g_c, g, rtol=1e-5, atol=1e-5 * float(g.abs().max()))
@@ -109,7 +110,7 @@ def test_float32_product_and_gradients_match_float64_to_rounding(chunk):
     x = torch.randn(8, 64)
     ins32 = [t.clone().requires_grad_() for t in (x, A, B, c)]
     ins64 = [t.double().requires_grad_() for t in (x, A, B, c)]
-    out32, g32 = _grads(lambda *a: F.pi_layer(*a, chunk_size=chunk)[0], ins32)
+    out32, g32 = _grads(lambda *a: kernels.pi_layer(*a, chunk_size=chunk)[0], ins32)
     out64, g64 = _grads(lambda *a: _reference(*a), ins64)
     assert out32.dtype == torch.float32
     for a, b in zip((out32, *g32), (out64, *g64)):
@@ -137,8 +138,8 @@ def test_no_grad_forward_matches_training_forward():
     x = torch.randn(4, 8)
     A, B, c = _rows(700, 8, 5, dtype=torch.float32)
     with torch.no_grad():
-        a = F.pi_layer(x, A, B, c)[0]
-    b = F.pi_layer(x.requires_grad_(), A, B, c)[0]
+        a = kernels.pi_layer(x, A, B, c)[0]
+    b = kernels.pi_layer(x.requires_grad_(), A, B, c)[0]
     assert torch.equal(a, b.detach())
 
 
@@ -189,7 +190,7 @@ def test_half_storage_product_is_float32_accurate_given_the_rounded_rows():
     # rounding, far below bfloat16's 2e-3.
     x = torch.randn(8, 32)
     A, B, c = _rows(3000, 32, 16, dtype=torch.bfloat16)
-    out = F.pi_layer(x, A, B, c, chunk_size=512)[0]
+    out = kernels.pi_layer(x, A, B, c, chunk_size=512)[0]
     ref = _reference(x.double(), A.double(), B.double(), c.double())
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
 
@@ -211,7 +212,7 @@ def _layer_step_memory(M, chunk, b=8, r=64, r_out=64):
     x = torch.randn(b, r, requires_grad=True)
 
     def fwd_bwd():
-        F.pi_layer(x, A, B, c, chunk_size=chunk)[0].sum().backward()
+        kernels.pi_layer(x, A, B, c, chunk_size=chunk)[0].sum().backward()
 
     fwd_bwd()
     return _alloc_events(fwd_bwd)[0], A.numel() * 4 + B.numel() * 4

@@ -1,0 +1,181 @@
+"""Kernel dispatch for the π-product: which implementation computes ``(J(ḡ Bᵀ) ⊙ c) A``.
+
+:func:`pi_layer` is the π-layer every infinite layer calls; the math it must equal is
+:func:`pinet.functional.pi_product`. Backends (:data:`BACKENDS`):
+
+* ``"torch"``: block-wise forward and backward from torch ops (:mod:`pinet.kernels.torch_ops`),
+  any device and dtype. The default everywhere.
+* ``"native"``: the same with pinet's AVX2 kernel for the two row-reduce products of float32 CPU
+  tensors (:mod:`pinet.kernels.native`, compiled with g++ on first use); other tensors use torch's
+  products. Opt-in: it gained 20-23% on a Zen 1 CPU and loses on CPUs with AVX-512, where MKL's
+  own kernels are faster (``docs/kernels.md``).
+* ``"triton"``: fused Triton kernels for CUDA tensors (:mod:`pinet.kernels.triton_pi`), float32
+  compute with float32/bfloat16/float16 storage. Opt-in: tested for correctness under Triton's
+  interpreter only; its speed on a GPU has not been measured (no GPU was available).
+* ``"auto"`` (the initial setting): the default for each device, see :func:`backend`.
+
+Choose with :func:`set_backend` or, for a block of code, :func:`use_backend`; forcing a backend
+that cannot run here raises :class:`BackendUnavailable` saying why (nothing is changed then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from ..functional import normalize_rows
+from . import native, torch_ops
+from ._base import BackendUnavailable
+from .native import NativeUnavailable
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "NativeUnavailable",
+    "pi_layer",
+    "backend",
+    "setting",
+    "set_backend",
+    "use_backend",
+    "available_backends",
+    "unavailable_reason",
+]
+
+BACKENDS = ("auto", "torch", "native", "triton")
+
+# What "auto" picks per device type. The torch backend everywhere until another one is proven
+# correct *and* faster on that kind of device (docs/kernels.md has the measurements).
+_AUTO = {"cpu": "torch", "cuda": "torch"}
+
+_setting = "auto"
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"pinet.kernels: backend must be one of {BACKENDS}, got {name!r}")
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs in its CPU interpreter in this process (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run here, or ``None`` if it can (``"native"`` is built now)."""
+    _check_name(name)
+    if name in ("auto", "torch"):
+        return None
+    if name == "native":
+        try:
+            native.load()
+        except NativeUnavailable as e:
+            return str(e)
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton ships with torch's CUDA/CPU wheels
+        return f"pinet.kernels: backend 'triton' needs the triton package ({e})"
+    if not torch.cuda.is_available() and not triton_interpreted():
+        return ("pinet.kernels: backend 'triton' runs on CUDA devices and no CUDA device is available "
+                "(torch.cuda.is_available() is False; TRITON_INTERPRET=1 runs it on the CPU for tests)")  # fmt: skip
+    return None
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process (``"auto"`` and ``"torch"`` always)."""
+    return [n for n in BACKENDS if unavailable_reason(n) is None]
+
+
+def setting() -> str:
+    """The current setting: ``"auto"`` or the forced backend's name."""
+    return _setting
+
+
+def set_backend(name: str) -> None:
+    """Select the π-product backend: one of :data:`BACKENDS`. ``"torch"`` forces torch's
+    products; ``"auto"`` restores the per-device default. A backend that cannot run here raises
+    :class:`BackendUnavailable` (:class:`NativeUnavailable` for ``"native"``) naming it and
+    saying why, and the setting is left as it was."""
+    global _setting
+    why = unavailable_reason(name)
+    if why is not None:
+        raise (NativeUnavailable if name == "native" else BackendUnavailable)(why)
+    _setting = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with pinet.kernels.use_backend("torch"): ...`` selects ``name`` inside the block and
+    restores the previous setting after it (also when the block raises)."""
+    before = _setting
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(before)
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """The backend :func:`pi_layer` uses for tensors on ``device`` under the current setting,
+    e.g. ``"torch"``. With a forced backend that is its name (``"native"`` then still computes
+    non-float32 tensors with torch's products; ``"triton"`` refuses CPU tensors outside the
+    interpreter)."""
+    if _setting != "auto":
+        return _setting
+    return _AUTO.get(torch.device(device).type, "torch")
+
+
+def pi_layer(
+    g: Tensor,
+    A: Tensor,
+    B: Tensor,
+    c: Tensor,
+    *,
+    layernorm: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Infinite π-layer without bias: ``out = (s · J(ḡ Bᵀ) ⊙ c) A``, on the selected backend.
+
+    Args:
+        g: (b, r) input coordinates, in the compute dtype (float32 or wider).
+        A: (M, r_out) rows, any storage dtype (float32, float64, bfloat16, float16).
+        B: (M, r) unit rows, same storage dtype as ``A``.
+        c: (M,) coefficients (float32 or wider).
+        layernorm: the layer sees ``ḡ`` only (``s = 1``).
+        chunk_size: process at most ``chunk_size`` rows of ``M`` at a time in the forward *and*
+            the backward and keep nothing of size ``b × M`` for the backward (it recomputes the
+            cosines per chunk), so a training step's temporaries are ``O(b × chunk_size)``.
+            ``None`` (default): storage in the compute dtype is processed in one block, half
+            storage in blocks of up-converted rows, and one ``b × M`` float tensor is kept for
+            the backward (temporaries ``O(b × M)``). Results equal up to summation order. The
+            triton backend never keeps anything of size ``b × M``, with or without it.
+
+    Returns:
+        ``(out, s, ḡ)``: out (b, r_out) in ``g``'s dtype, the scale ``s`` (b, 1) the layer used
+        (ones with layernorm) and ``ḡ`` (b, r). ``s`` and ``ḡ`` are what the π-update appends.
+
+    Storage rows are read in their own dtype and converted block by block, so half-precision
+    storage halves the memory traffic while every product and sum runs in ``g``'s dtype. Autograd
+    gradients with respect to ``g``, ``A``, ``B`` and ``c`` are exact (double backward included).
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"pi_layer: chunk_size must be a positive int or None, got {chunk_size!r}")
+    s, gbar = normalize_rows(g)
+    if layernorm:
+        s = torch.ones_like(s)
+    name = backend(g.device)
+    # s multiplies the (b, r_out) result instead of the (b, M) weights: one pass less over a b × M
+    # tensor, and the product's backward then never needs s (its gradient is δ · u).
+    if name == "triton":
+        from . import triton_pi  # imported on first use: Triton's import is slow
+
+        u = triton_pi.pi_product(gbar, A, B, c)
+    elif name == "native":
+        u = torch_ops.pi_product(gbar, A, B, c, chunk_size, torch_ops.native_reduce)
+    else:
+        u = torch_ops.pi_product(gbar, A, B, c, chunk_size)
+    return s * u, s, gbar
