@@ -1,0 +1,231 @@
+"""Feature kernels of π-nets (transfer learning; spec, "Feature kernel").
+
+A trained net's *feature kernel* is the kernel of the features that enter its readout: with ``g(x)``
+(r,) the coordinates entering an infinite readout π-layer,
+
+    K(x, x') = E[relu(h(x)) relu(h(x'))] = ‖g(x)‖ ‖g(x')‖ J(ḡ(x) · ḡ(x'))     (norms 1 with layernorm)
+
+and for a finite π-net, whose readout sees ``h`` (n,), the plain dot product ``relu(h)·relu(h')``
+(``relu(h/‖h‖)`` with layernorm). There is no ``1/n``: in this parametrisation ``h ≈ n^-½ Ω g``,
+so the sum over the n units is already an average, and the finite kernel converges to the
+infinite one at rate ``n^-½`` (sampled from the same net). Kernel ridge regression on it
+(:func:`pinet.baselines.kernel_ridge`) scores how well the features transfer to another task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .functional import J, normalize_rows
+from .layers import FinPiLayer, InfPiLayer
+from .models import FinPiMLP, InfPiMLP
+
+__all__ = ["feature_kernel", "features", "readout_layer"]
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook once the feature is captured: nothing after it needs to run."""
+
+
+def readout_layer(net: nn.Module) -> InfPiLayer | FinPiLayer:
+    """The layer whose *input* is the feature of :func:`feature_kernel` by default.
+
+    :class:`~pinet.InfPiMLP` / :class:`~pinet.FinPiMLP`: ``net.layers[-1]``. Any other module: its
+    unique :class:`~pinet.InfPiLayer` with ``readout=True``, or its unique :class:`~pinet.FinPiLayer`
+    without a projector (``proj is None``: the finite readout). Zero or several candidates are an
+    error asking for ``layer=``.
+    """
+    if isinstance(net, (InfPiMLP, FinPiMLP)):
+        return net.layers[-1]
+    if isinstance(net, (InfPiLayer, FinPiLayer)):
+        raise TypeError("feature_kernel: net is a single π-layer; pass the network that contains it "
+                        "(and layer=that_layer)")  # fmt: skip
+    cands = [(name, m) for name, m in net.named_modules()
+             if (isinstance(m, InfPiLayer) and m.readout) or (isinstance(m, FinPiLayer) and m.proj is None)]  # fmt: skip
+    if len(cands) != 1:
+        found = ", ".join(name for name, _ in cands) or "none"
+        raise ValueError(
+            f"feature_kernel: cannot tell which layer's input is the feature: {type(net).__name__} has "
+            f"{len(cands)} readout π-layers (InfPiLayer(readout=True) or FinPiLayer without Ω; found: {found}); "
+            "pass layer=<the module whose input is the feature>"
+        )
+    return cands[0][1]
+
+
+def _device(net: nn.Module) -> torch.device | None:
+    for t in net.parameters():
+        return t.device
+    for t in net.buffers():
+        return t.device
+    return None
+
+
+def _check_x(name: str, x, like: Tensor | None = None) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise TypeError(f"feature_kernel: {name} must be a tensor with the samples along dim 0, "
+                        f"got {getattr(x, 'shape', type(x).__name__)}")  # fmt: skip
+    if like is not None and x.shape[1:] != like.shape[1:]:
+        raise ValueError(f"feature_kernel: {name} must have per-sample shape {tuple(like.shape[1:])} "
+                         f"like x1, got {tuple(x.shape)}")  # fmt: skip
+    return x
+
+
+def _check_block(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"feature_kernel: block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+@torch.no_grad()
+def features(
+    net: nn.Module, x: Tensor, *, layer: nn.Module | None = None, block_size: int = 512
+) -> tuple[str, Tensor, Tensor | None]:
+    """The readout features of ``x`` (N, ...), computed ``block_size`` samples at a time.
+
+    Returns ``(kind, F, s)``:
+
+    - ``kind == "infinite"`` (``layer`` an :class:`~pinet.InfPiLayer`): ``F = ḡ`` (N, r) the unit
+      directions of the coordinates entering the layer and ``s`` (N, 1) their norms (ones with the
+      layer's layernorm), so that ``K = s sᵀ ⊙ J(F Fᵀ)``;
+    - ``kind == "finite"`` (a :class:`~pinet.FinPiLayer`): ``F = relu(h)`` (N, n) (``relu(h/‖h‖)``
+      with layernorm), ``s = None``, ``K = F Fᵀ``.
+
+    The net runs in eval mode under ``torch.no_grad()`` (no π-rows are captured, nothing in the net
+    changes) and stops as soon as the layer's input is known; training flags are restored after.
+    """
+    layer = readout_layer(net) if layer is None else layer
+    if not isinstance(layer, (InfPiLayer, FinPiLayer)):
+        raise TypeError(f"feature_kernel: layer must be an InfPiLayer or FinPiLayer of net, got "
+                        f"{type(layer).__name__}")  # fmt: skip
+    if not any(m is layer for m in net.modules()):
+        raise ValueError("feature_kernel: layer is not a submodule of net")
+    x = _check_x("x", x)
+    block_size = _check_block(block_size)
+    dev = _device(net)
+    box: list[Tensor] = []
+
+    def hook(module, args):
+        box.append(args[0])
+        raise _Captured
+
+    modes = [(m, m.training) for m in net.modules()]
+    handle = layer.register_forward_pre_hook(hook)
+    parts_f, parts_s = [], []
+    try:
+        net.eval()
+        for i in range(0, x.shape[0], block_size):
+            xb = x[i : i + block_size]
+            if dev is not None:
+                xb = xb.to(dev)
+            box.clear()
+            try:
+                net(xb)
+            except _Captured:
+                pass
+            if not box:
+                raise RuntimeError("feature_kernel: the layer was not called by net's forward")
+            h = box[0]
+            if isinstance(layer, InfPiLayer):
+                h = h.to(layer.state.c.dtype)  # the dtype the layer itself computes in
+                s, gbar = normalize_rows(h)
+                if layer.layernorm:
+                    s = torch.ones_like(s)
+                parts_f.append(gbar)
+                parts_s.append(s)
+            else:
+                h = h.to(layer.weight.dtype)
+                if layer.layernorm:
+                    h = h / h.norm(dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+                parts_f.append(torch.relu(h))
+    finally:
+        handle.remove()
+        for m, mode in modes:
+            m.training = mode
+    kind = "infinite" if isinstance(layer, InfPiLayer) else "finite"
+    if not parts_f:  # zero samples
+        width = layer.r_in if kind == "infinite" else layer.n_in
+        dtype = layer.state.c.dtype if kind == "infinite" else layer.weight.dtype
+        F = torch.zeros(0, width, dtype=dtype, device=dev)
+        return kind, F, (torch.zeros(0, 1, dtype=dtype, device=dev) if kind == "infinite" else None)
+    F = torch.cat(parts_f)
+    return kind, F, (torch.cat(parts_s) if kind == "infinite" else None)
+
+
+def _block(kind: str, F1: Tensor, s1, F2: Tensor, s2) -> Tensor:
+    if kind == "infinite":
+        # J clamps the cosine to [-1, 1] (rounding of unit vectors).
+        return (s1 * s2.T) * J(F1 @ F2.T)
+    return F1 @ F2.T
+
+
+def feature_kernel(
+    net: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    layer: nn.Module | None = None,
+    block_size: int = 512,
+    dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Tensor:
+    """Feature kernel of ``net`` between ``x1`` (n1, ...) and ``x2`` (n2, ...): (n1, n2).
+
+    Infinite readout input ``g`` (b, r): ``K = ‖g‖‖g'‖ J(ḡ·ḡ')`` (norms 1 with layernorm); finite
+    readout input ``h`` (b, n): ``K = relu(h)·relu(h')`` (of ``h/‖h‖`` with layernorm), no ``1/n``.
+    ``x2=None``: the symmetric ``K(x1, x1)`` (only the upper block triangle is computed and mirrored,
+    so it is exactly symmetric; it is positive semi-definite up to rounding).
+
+    Args:
+        net: an :class:`~pinet.InfPiMLP`, :class:`~pinet.FinPiMLP` or any module containing π-layers
+            (the net is not modified; its training flags are restored).
+        layer: the module whose *input* is the feature (default: :func:`readout_layer`).
+        block_size: samples per forward block and rows/columns per kernel block; memory is
+            ``O(block_size × M)`` for the forward (the π-layers' ``chunk_size`` bounds it further),
+            the features (N, r) or (N, n), and ``block_size²`` per kernel block, besides the output.
+        dtype: dtype of the kernel (default: the features' dtype, i.e. the net's compute dtype); the
+            features are converted to it before the products. Use float64 for kernel regression.
+        out: optional preallocated (n1, n2) tensor the blocks are written into (e.g. a
+            ``torch.from_numpy`` view of a ``numpy.memmap`` for 60,000 × 60,000); returned.
+        progress: called as ``progress(done, total)`` after every kernel block.
+    """
+    x1 = _check_x("x1", x1)
+    if x2 is not None:
+        x2 = _check_x("x2", x2, like=x1)
+    block_size = _check_block(block_size)
+    layer = readout_layer(net) if layer is None else layer
+    kind, F1, s1 = features(net, x1, layer=layer, block_size=block_size)
+    if x2 is None:
+        F2, s2 = F1, s1
+    else:
+        _, F2, s2 = features(net, x2, layer=layer, block_size=block_size)
+    dtype = dtype or F1.dtype
+    F1, F2 = F1.to(dtype), F2.to(dtype)
+    s1 = None if s1 is None else s1.to(dtype)
+    s2 = None if s2 is None else s2.to(dtype)
+    n1, n2 = F1.shape[0], F2.shape[0]
+    if out is None:
+        out = torch.empty(n1, n2, dtype=dtype, device=F1.device)
+    elif not isinstance(out, Tensor) or tuple(out.shape) != (n1, n2):
+        raise ValueError(f"feature_kernel: out must be a ({n1}, {n2}) tensor, got {getattr(out, 'shape', out)}")
+    sym = x2 is None
+    starts1 = list(range(0, n1, block_size))
+    starts2 = list(range(0, n2, block_size))
+    total = len(starts1) * (len(starts1) + 1) // 2 if sym else len(starts1) * len(starts2)
+    done = 0
+    sl = lambda t, i: None if t is None else t[i : i + block_size]  # noqa: E731
+    for bi, i in enumerate(starts1):
+        for j in starts2[bi:] if sym else starts2:
+            K = _block(kind, F1[i : i + block_size], sl(s1, i), F2[j : j + block_size], sl(s2, j))
+            if sym and i == j:
+                K = 0.5 * (K + K.T)  # exact symmetry on the diagonal blocks
+            out[i : i + K.shape[0], j : j + K.shape[1]] = K.to(out.device, out.dtype)
+            if sym and i != j:
+                out[j : j + K.shape[1], i : i + K.shape[0]] = K.T.to(out.device, out.dtype)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return out
