@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer, _check_dim, _check_mult
-from .state import _HALF
+from .checkpoint import StateDictError
+from .checkpoint import load_state_dict as _load_state_dict
+from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer, _check_dim, _check_mult, _Multipliers
+from .sampling import finite_layers, sample, trace
+from .state import _HALF, _check_dtype
 
 __all__ = ["InfPiMLP", "FinPiMLP"]
 
@@ -18,11 +22,70 @@ _FORMAT = 1
 def _check_input(x: Tensor, d_in: int, owner: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{owner}.forward: x must be a tensor, got {type(x).__name__}")
+    if x.is_complex():
+        # Casting to the net's real dtype would silently drop the imaginary part.
+        raise TypeError(f"{owner}.forward: x must be real (floating point or integer), got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != d_in:
         raise ValueError(f"{owner}.forward: x must have shape (batch, {d_in}), got {tuple(x.shape)}")
     if x.is_floating_point() and not torch.isfinite(x).all():
         # A NaN here would be captured as π-rows and poison every later output of the net.
         raise ValueError(f"{owner}.forward: x contains NaN or inf")
+
+
+def _check_multipliers(first, last, bias, last_bias, hidden_bias, layernorm) -> tuple[float, float]:
+    # Named after the constructor arguments (a layer's own message would only say "alpha").
+    _check_mult("first_layer_alpha", first)
+    _check_mult("last_layer_alpha", last)
+    _check_mult("bias_alpha", bias)
+    last_bias = bias if last_bias is None else _check_mult("last_bias_alpha", last_bias)
+    hidden_bias = bias if hidden_bias is None else _check_mult("hidden_bias_alpha", hidden_bias)
+    if not isinstance(layernorm, bool):
+        raise ValueError(f"layernorm must be a bool, got {layernorm!r}")
+    return last_bias, hidden_bias
+
+
+def _saved_config(state_dict, owner: str) -> tuple[dict, dict, str]:
+    """Structure, constructor keywords and the key whose dtype is the net's, read from a saved
+    π-MLP state dict; a :class:`StateDictError` naming the key if they are missing or malformed."""
+
+    def fail(msg: str):
+        raise StateDictError(f"{owner}.from_state_dict: {msg}")
+
+    if not isinstance(state_dict, Mapping):
+        fail(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    s = state_dict.get("_extra_state")
+    if not isinstance(s, dict) or "depth" not in s:
+        fail("no '_extra_state' with the structure: not a pinet π-MLP state dict")
+    finite = owner == "FinPiMLP"
+    if ("width" in s) != finite:
+        other = "FinPiMLP" if "width" in s else "InfPiMLP"
+        fail(f"this is a {other} state dict ('_extra_state' {'has' if 'width' in s else 'has no'} a width); "
+             f"use pinet.{other}.from_state_dict")  # fmt: skip
+    names = ("d_in", "d_out", "r", "depth") + (("width",) if finite else ())
+    for k in names:
+        v = s.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "depth" else 1):
+            fail(f"'_extra_state' entry {k!r} must be a {'non-negative' if k == 'depth' else 'positive'} int, got {v!r}")
+    depth = s["depth"]
+    parsed = {}
+    for i in sorted({0, min(1, depth + 1), depth + 1}):
+        key = f"layers.{i}._extra_state"
+        if key not in state_dict:
+            fail(f"missing key {key!r}")
+        try:
+            parsed[i] = _Multipliers._parse_extra_state(state_dict[key], key)
+        except ValueError as e:
+            fail(str(e))
+    first, last = parsed[0], parsed[depth + 1]
+    kw = dict(
+        first_layer_alpha=first["alpha"], last_layer_alpha=last["alpha"], bias_alpha=first["bias_alpha"],
+        last_bias_alpha=last["bias_alpha"], layernorm=last["layernorm"],
+        hidden_bias_alpha=parsed[1]["bias_alpha"] if depth > 0 else None,
+    )  # fmt: skip
+    dtype_key = "layers.0.weight" if finite else f"layers.{depth + 1}.state.A"
+    if not isinstance(state_dict.get(dtype_key), Tensor):
+        fail(f"missing key {dtype_key!r} (or it is not a tensor)")
+    return s, kw, dtype_key
 
 
 class _MLPConfig(nn.Module):
@@ -48,6 +111,11 @@ class _MLPConfig(nn.Module):
         return self.layers[-1].bias_alpha
 
     @property
+    def hidden_bias_alpha(self) -> float:
+        """Bias multiplier of the hidden layers (that of the first one; ``bias_alpha`` if none)."""
+        return self.layers[1].bias_alpha if self.depth > 0 else self.bias_alpha
+
+    @property
     def layernorm(self) -> bool:
         return self.layers[-1].layernorm
 
@@ -64,7 +132,8 @@ class _MLPConfig(nn.Module):
         """Keyword arguments that rebuild this net's multipliers and ``layernorm``."""
         return dict(
             first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
-            bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha, layernorm=self.layernorm,
+            bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha,
+            hidden_bias_alpha=self.hidden_bias_alpha, layernorm=self.layernorm,
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
@@ -77,12 +146,43 @@ class _MLPConfig(nn.Module):
     def get_extra_state(self) -> dict:
         return {"format": _FORMAT, **self._structure()}
 
-    def set_extra_state(self, state: dict) -> None:
-        mine = self._structure()
+    # pinet.checkpoint: this module checks its own "_extra_state" (the structure) in the dry run.
+    _pinet_checked_keys = ("_extra_state",)
+
+    def _pinet_check_load(self, state_dict, prefix: str) -> list[str]:
+        """Problems with the saved structure ``prefix + "_extra_state"``; writes nothing."""
+        key = prefix + "_extra_state"
+        if key not in state_dict:
+            return []
+        state, mine, name = state_dict[key], self._structure(), type(self).__name__
+        if not isinstance(state, dict):
+            return [f"{key}: expected the {name} structure (a dict), got {type(state).__name__}"]
+        if ("width" in state) != ("width" in mine):
+            kind = "FinPiMLP" if "width" in state else "InfPiMLP"
+            return [f"{key}: this is a {kind} state dict and the model is a {name}; build the model with "
+                    f"pinet.{kind}.from_state_dict"]  # fmt: skip
         saved = {k: state.get(k) for k in mine}
         if saved != mine:
             diff = ", ".join(f"{k}: saved {saved[k]!r} vs this {mine[k]!r}" for k in mine if saved[k] != mine[k])
-            raise ValueError(f"{type(self).__name__}.load_state_dict: structure differs ({diff})")
+            return [f"{key}: structure differs ({diff})"]
+        extra = sorted(set(state) - set(self.get_extra_state()))
+        if extra:
+            return [f"{key}: unexpected entries {extra} for a {name}"]
+        return []
+
+    def set_extra_state(self, state: dict) -> None:
+        problems = self._pinet_check_load({"_extra_state": state}, "")
+        if problems:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {problems[0]}")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load all or nothing (:func:`pinet.load_state_dict`): the whole state dict is checked
+        first; on any problem a :class:`pinet.checkpoint.StateDictError` names every bad key and the
+        net is exactly as before. ``assign=True`` is not supported."""
+        if assign is not False:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: assign must be False (π-rows are copied "
+                             f"into the net's own stores), got {assign!r}")  # fmt: skip
+        return _load_state_dict(self, state_dict, strict=strict)
 
 
 class InfPiMLP(_MLPConfig):
@@ -105,6 +205,7 @@ class InfPiMLP(_MLPConfig):
         last_layer_alpha: float = 1.0,
         bias_alpha: float = 1.0,
         last_bias_alpha: float | None = None,
+        hidden_bias_alpha: float | None = None,
         layernorm: bool = False,
         chunk_size: int | None = None,
         device=None,
@@ -112,15 +213,15 @@ class InfPiMLP(_MLPConfig):
     ) -> None:
         super().__init__()
         self._set_structure(d_in, d_out, r, depth)
-        _check_mult("first_layer_alpha", first_layer_alpha)
-        _check_mult("last_layer_alpha", last_layer_alpha)
-        _check_mult("bias_alpha", bias_alpha)
-        last_bias_alpha = bias_alpha if last_bias_alpha is None else _check_mult("last_bias_alpha", last_bias_alpha)
+        last_bias_alpha, hidden_bias_alpha = _check_multipliers(
+            first_layer_alpha, last_layer_alpha, bias_alpha, last_bias_alpha, hidden_bias_alpha, layernorm
+        )
+        _check_dtype("InfPiMLP", dtype)
         dtype = dtype or torch.get_default_dtype()
         compute = torch.float32 if dtype in _HALF else dtype
         kw = dict(device=device, dtype=dtype, chunk_size=chunk_size, layernorm=layernorm)
         layers = [InfPiInput(d_in, r, alpha=first_layer_alpha, bias_alpha=bias_alpha, device=device, dtype=compute)]
-        layers += [InfPiLayer(r, r, bias_alpha=bias_alpha, **kw) for _ in range(depth)]
+        layers += [InfPiLayer(r, r, bias_alpha=hidden_bias_alpha, **kw) for _ in range(depth)]
         layers.append(
             InfPiLayer(r, d_out, alpha=last_layer_alpha, bias_alpha=last_bias_alpha, readout=True, **kw)
         )
@@ -141,21 +242,15 @@ class InfPiMLP(_MLPConfig):
 
     @classmethod
     def from_state_dict(cls, state_dict: dict, *, device=None, dtype=None, chunk_size=None) -> "InfPiMLP":
-        """Build a net with the structure, multipliers and layernorm saved in ``state_dict`` and load it."""
-        try:
-            s = state_dict["_extra_state"]
-            first = state_dict["layers.0._extra_state"]
-            last = state_dict[f"layers.{s['depth'] + 1}._extra_state"]
-        except KeyError as e:
-            raise KeyError(f"InfPiMLP.from_state_dict: missing key {e.args[0]!r} (not a pinet InfPiMLP state dict?)") from None
+        """Build a net with the structure, multipliers and layernorm saved in ``state_dict`` (an
+        ``InfPiMLP.state_dict()``) and load it. ``dtype`` defaults to the saved π-state's.
+
+        Raises :class:`pinet.checkpoint.StateDictError` naming the key if ``state_dict`` is not an
+        ``InfPiMLP`` state (a ``FinPiMLP`` state is named as such) or does not load."""
+        s, kw, dtype_key = _saved_config(state_dict, "InfPiMLP")
         if dtype is None:
-            dtype = state_dict[f"layers.{s['depth'] + 1}.state.A"].dtype
-        net = cls(
-            s["d_in"], s["d_out"], s["r"], s["depth"],
-            first_layer_alpha=first["alpha"], last_layer_alpha=last["alpha"],
-            bias_alpha=first["bias_alpha"], last_bias_alpha=last["bias_alpha"],
-            layernorm=last["layernorm"], chunk_size=chunk_size, device=device, dtype=dtype,
-        )  # fmt: skip
+            dtype = state_dict[dtype_key].dtype
+        net = cls(*(s[k] for k in ("d_in", "d_out", "r", "depth")), **kw, chunk_size=chunk_size, device=device, dtype=dtype)
         net.load_state_dict(state_dict)
         return net
 
@@ -169,13 +264,13 @@ class InfPiMLP(_MLPConfig):
         ``dtype`` defaults to the compute dtype of this net.
         """
         _check_dim("width", width)
-        dtype = dtype or self.layers[0].A.dtype
-        fin = FinPiMLP(
-            self.d_in, self.d_out, self.r, self.depth, width, **self.multipliers(),
-            device=self.layers[0].A.device, dtype=dtype, generator=generator, _init=False,
-        )  # fmt: skip
-        fin._load_sample(self)
-        return fin
+        return sample(self, width, generator=generator, dtype=dtype)
+
+    def _assemble_finite(self, layers: dict, width: int) -> "FinPiMLP":
+        # pinet.sample's hook: the finite layers go into a FinPiMLP (not a copy of this class).
+        ordered = [layers[f"layers.{i}"] for i in range(len(self.layers))]
+        # Multipliers and layernorm live in the layers themselves.
+        return FinPiMLP(self.d_in, self.d_out, self.r, self.depth, width, _layers=ordered)
 
 
 class FinPiMLP(_MLPConfig):
@@ -198,18 +293,25 @@ class FinPiMLP(_MLPConfig):
         last_layer_alpha: float = 1.0,
         bias_alpha: float = 1.0,
         last_bias_alpha: float | None = None,
+        hidden_bias_alpha: float | None = None,
         layernorm: bool = False,
         device=None,
         dtype=None,
         generator: torch.Generator | None = None,
-        _init: bool = True,
+        _layers: list[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self._set_structure(d_in, d_out, r, depth)
         self.width = _check_dim("width", width)
         if width < r:
             raise ValueError(f"width must be at least r={r} (the projection needs ΩᵀΩ invertible), got {width}")
-        last_bias_alpha = bias_alpha if last_bias_alpha is None else last_bias_alpha
+        if _layers is not None:  # built by pinet.sample (InfPiMLP._assemble_finite)
+            self.layers = nn.ModuleList(_layers)
+            return
+        last_bias_alpha, hidden_bias_alpha = _check_multipliers(
+            first_layer_alpha, last_layer_alpha, bias_alpha, last_bias_alpha, hidden_bias_alpha, layernorm
+        )
+        _check_dtype("FinPiMLP", dtype)
         dtype = dtype or torch.get_default_dtype()
         if generator is not None:
             device = generator.device
@@ -217,65 +319,34 @@ class FinPiMLP(_MLPConfig):
             torch.randn(width, r, generator=generator, device=device, dtype=torch.float64).to(dtype)
             for _ in range(depth + 1)
         ]
-        layers: list[nn.Module] = [FinPiInput(d_in, omegas[0], alpha=first_layer_alpha, bias_alpha=bias_alpha)]
-        layers += [
-            FinPiLayer(width, width, omega=omegas[l], bias_alpha=bias_alpha, layernorm=layernorm)
-            for l in range(1, depth + 1)
-        ]
-        layers.append(
-            FinPiLayer(
-                width, d_out, alpha=last_layer_alpha, bias_alpha=last_bias_alpha,
-                layernorm=layernorm, device=device, dtype=dtype,
-            )
+        # The finite π-net's initialisation is a sample of a fresh InfPiMLP (Ω drawn first, as always).
+        source = InfPiMLP(
+            d_in, d_out, r, depth, first_layer_alpha=first_layer_alpha,
+            last_layer_alpha=last_layer_alpha, bias_alpha=bias_alpha, last_bias_alpha=last_bias_alpha,
+            hidden_bias_alpha=hidden_bias_alpha, layernorm=layernorm, device=device, dtype=dtype,
         )  # fmt: skip
-        self.layers = nn.ModuleList(layers)
-        if _init:
-            source = InfPiMLP(
-                d_in, d_out, r, depth, first_layer_alpha=first_layer_alpha,
-                last_layer_alpha=last_layer_alpha, bias_alpha=bias_alpha,
-                last_bias_alpha=last_bias_alpha, layernorm=layernorm, device=device, dtype=dtype,
-            )  # fmt: skip
-            self._load_sample(source)
+        flow = trace(source)
+        layers = finite_layers(flow, dict(zip(flow.spaces, omegas)), dtype)
+        self.layers = nn.ModuleList([layers[f"layers.{i}"] for i in range(depth + 2)])
 
     def _structure(self) -> dict:
         return {"d_in": self.d_in, "d_out": self.d_out, "r": self.r, "depth": self.depth, "width": self.width}
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, *, device=None, dtype=None) -> "FinPiMLP":
+        """Build a net with the structure, multipliers and layernorm saved in ``state_dict`` (a
+        ``FinPiMLP.state_dict()``, ``Ω`` included) and load it. ``dtype`` defaults to the saved one.
+
+        Raises :class:`pinet.checkpoint.StateDictError` naming the key if ``state_dict`` is not a
+        ``FinPiMLP`` state (an ``InfPiMLP`` state is named as such) or does not load."""
+        s, kw, dtype_key = _saved_config(state_dict, "FinPiMLP")
+        if dtype is None:
+            dtype = state_dict[dtype_key].dtype
+        net = cls(*(s[k] for k in ("d_in", "d_out", "r", "depth", "width")), **kw, device=device, dtype=dtype)
+        net.load_state_dict(state_dict)
+        return net
 
     @property
     def omegas(self) -> list[Tensor]:
         """``Ω_l`` (n, r) of the non-output layers."""
         return [layer.proj.omega for layer in self.layers[:-1]]
-
-    @torch.no_grad()
-    def _load_sample(self, inf: InfPiMLP) -> None:
-        n = self.width
-        dtype = self.layers[0].weight.dtype
-        omegas = self.omegas
-        first = inf.layers[0]
-        self.layers[0].weight.copy_(omegas[0] @ first.A.to(dtype).T / math.sqrt(n))
-        if first.bias is not None:
-            self.layers[0].bias.copy_(omegas[0] @ first.bias.to(dtype) / math.sqrt(n))
-        for l, (src, dst) in enumerate(zip(inf.layers[1:], self.layers[1:]), start=1):
-            prev = omegas[l - 1]
-            is_out = l == len(self.layers) - 1
-            left = None if is_out else omegas[l]
-            dst.weight.copy_(_sample_pi_weight(src.state, prev, left, dtype))
-            if src.bias is not None:
-                b = src.bias.to(dtype)
-                dst.bias.copy_(b if is_out else left @ b / math.sqrt(n))
-
-
-def _sample_pi_weight(state, omega_in: Tensor, omega_out: Tensor | None, dtype) -> Tensor:
-    """``n^-1 Ω_out (c⊙A)ᵀ relu(Ω_in Bᵀ)ᵀ`` (n, n), or ``n^-½ (c⊙A)ᵀ relu(Ω_in Bᵀ)ᵀ`` (k, n)
-    without ``Ω_out``; summed over chunks of M so temporaries stay near ``n × chunk``."""
-    n = omega_in.shape[0]
-    M = state.rows
-    chunk = max(1, 2**24 // max(n, 1))
-    rows_out = n if omega_out is not None else state.r_out
-    W = torch.zeros(rows_out, n, dtype=dtype, device=omega_in.device)
-    for start in range(0, M, chunk):
-        stop = min(start + chunk, M)
-        cA = state.A[start:stop].to(dtype) * state.c[start:stop].detach().to(dtype)[:, None]  # (m, r_out)
-        R = torch.relu(omega_in @ state.B[start:stop].to(dtype).T)  # (n, m)
-        left = cA.T if omega_out is None else omega_out @ cA.T  # (rows_out, m)
-        W += left @ R.T
-    return W / (n if omega_out is not None else math.sqrt(n))
