@@ -10,6 +10,7 @@ CUDA) in :mod:`pinet.kernels`.
 from . import baselines, compat, functional, hooks, kernels, native, optim
 from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer
 from .models import FinPiMLP, InfPiMLP
+from .checkpoint import StateDictError, check_state_dict, load_state_dict
 from .features import feature_kernel
 from .state import FinPiState, PiRows, PiState
 
@@ -32,5 +33,8 @@ __all__ = [
     "FinPiLayer",
     "InfPiMLP",
     "FinPiMLP",
+    "load_state_dict",
+    "check_state_dict",
+    "StateDictError",
     "feature_kernel",
 ]

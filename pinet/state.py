@@ -20,6 +20,31 @@ __all__ = ["PiState", "PiRows", "FinPiState"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _check_dtype(owner: str, dtype, name: str = "dtype") -> None:
+    """Refuse a ``dtype`` that is not a real floating-point ``torch.dtype`` (``None`` passes: default).
+
+    Integer and complex states would fail deep inside torch (or only at the first forward), and a
+    complex one would silently drop imaginary parts on every cast."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise ValueError(
+            f"{owner}: {name} must be a real floating-point torch.dtype (torch.float16, torch.bfloat16, "
+            f"torch.float32 or torch.float64), got {dtype!r}"
+        )
+
+
+def _check_tensor(key: str, v, problems: list[str]) -> bool:
+    # One entry of a state dict: a real floating-point tensor, else a problem naming the key.
+    if not isinstance(v, Tensor):
+        problems.append(f"{key}: expected a tensor, got {type(v).__name__}")
+        return False
+    if not v.is_floating_point() or v.is_complex():
+        problems.append(f"{key}: expected a real floating-point tensor, got dtype {v.dtype}")
+        return False
+    return True
+
+
 def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
     # Coefficients accumulate -lr * (1 - lr*wd)^t products over the whole run: never below fp32.
     return torch.float32 if dtype in _HALF else dtype
@@ -56,8 +81,12 @@ class PiState(nn.Module):
         for name, v in (("r_in", r_in), ("r_out", r_out)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"PiState: {name} must be a positive int, got {v!r}")
-        if not growth > 1.0:
-            raise ValueError(f"PiState: growth must be > 1, got {growth!r}")
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth > 1.0 or growth == math.inf:
+            raise ValueError(f"PiState: growth must be a finite number > 1, got {growth!r}")
+        _check_dtype("PiState", dtype)
+        _check_dtype("PiState", coef_dtype, "coef_dtype")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"PiState: capacity must be a non-negative int, got {capacity!r}")
         dtype = dtype or torch.get_default_dtype()
         coef_dtype = coef_dtype or _coef_dtype(dtype)
         if coef_dtype in _HALF:
@@ -214,22 +243,23 @@ class PiState(nn.Module):
         c = self.c if keep_vars else self.c.detach()
         destination[prefix + "c"] = c if keep_vars else self._compact(c)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
+    # Keys this module checks itself (see pinet.checkpoint): A and B are not registered tensors.
+    _pinet_checked_keys = ("A", "B", "c")
+
+    def _pinet_check_load(self, state_dict, prefix: str) -> list[str]:
+        """Problems with this state's entries ``prefix + A/B/c`` of ``state_dict``; writes nothing.
+
+        Missing entries are not problems here (the caller reports missing keys); if any of the three
+        is missing the state is not loaded at all, so the others are not checked."""
         keys = {k: prefix + k for k in ("A", "B", "c")}
-        for k in state_dict:
-            if k.startswith(prefix) and k[len(prefix) :] not in keys and "." not in k[len(prefix) :]:
-                unexpected_keys.append(k)
-        present = {k: state_dict[v] for k, v in keys.items() if v in state_dict}
-        for k, v in keys.items():
-            if k not in present:
-                missing_keys.append(v)
-        if len(present) != 3:
-            return
-        A, B, c = present["A"], present["B"], present["c"]
+        if not all(v in state_dict for v in keys.values()):
+            return []
+        problems: list[str] = []
+        ok = [_check_tensor(keys[k], state_dict[keys[k]], problems) for k in ("A", "B", "c")]
+        if not all(ok):
+            return problems
+        A, B, c = (state_dict[keys[k]] for k in ("A", "B", "c"))
         M = A.shape[0] if A.dim() == 2 else -1
-        problems = []
         if A.dim() != 2 or A.shape[1] != self.r_out:
             problems.append(f"{keys['A']}: expected shape (M, {self.r_out}), got {tuple(A.shape)}")
         if B.dim() != 2 or B.shape[1] != self.r_in or B.shape[0] != M:
@@ -239,14 +269,31 @@ class PiState(nn.Module):
             )
         if c.shape != (M,):
             problems.append(f"{keys['c']}: expected shape ({M},) to match {keys['A']}, got {tuple(c.shape)}")
+        return problems
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        keys = {k: prefix + k for k in ("A", "B", "c")}
+        for k in state_dict:
+            if k.startswith(prefix) and k[len(prefix) :] not in keys and "." not in k[len(prefix) :]:
+                unexpected_keys.append(k)
+        present = [v for v in keys.values() if v in state_dict]
+        missing_keys.extend(v for v in keys.values() if v not in state_dict)
+        if len(present) != 3:
+            return
+        problems = self._pinet_check_load(state_dict, prefix)
         if problems:
             error_msgs.extend(problems)
             return
+        A, B, c = (state_dict[keys[k]] for k in ("A", "B", "c"))
+        # Build all three new stores before replacing any: a failure here leaves the state as it was.
         with torch.no_grad():
-            self._A = A.detach().to(device=self._A.device, dtype=self._A.dtype).clone()
-            self._B = B.detach().to(device=self._B.device, dtype=self._B.dtype).clone()
-            self._c = c.detach().to(device=self._c.device, dtype=self._c.dtype).clone()
-        self._M = M
+            new_A = A.detach().to(device=self._A.device, dtype=self._A.dtype).clone()
+            new_B = B.detach().to(device=self._B.device, dtype=self._B.dtype).clone()
+            new_c = c.detach().to(device=self._c.device, dtype=self._c.dtype).clone()
+        self._A, self._B, self._c = new_A, new_B, new_c
+        self._M = A.shape[0]
         self.c.data = self._c
         self.c.grad = None
         self.clear_pending()
@@ -262,6 +309,9 @@ class FinPiState(nn.Module):
 
     def __init__(self, omega: Tensor) -> None:
         super().__init__()
+        if not isinstance(omega, Tensor):
+            raise TypeError(f"FinPiState: omega must be a tensor (n, r), got {type(omega).__name__}")
+        _check_dtype("FinPiState", omega.dtype, "omega.dtype")
         if omega.dim() != 2:
             raise ValueError(f"FinPiState: omega must be (n, r), got {tuple(omega.shape)}")
         if omega.shape[0] < omega.shape[1]:

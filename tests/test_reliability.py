@@ -1,0 +1,246 @@
+"""A failed call changes nothing, bad input gets a clear error (issue 11; docs/reliability.md).
+
+Every failing load is checked twice: the message names the key or argument, and the model's whole
+state dict (torch.equal on every tensor, == on every extra state) and every π-layer's row count are
+exactly as before the call.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import pinet
+from pinet import FinPiMLP, InfPiInput, InfPiLayer, InfPiMLP, PiState
+from pinet.checkpoint import StateDictError
+
+D = torch.float64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _rows(model: nn.Module) -> list[int]:
+    return [m.rows for m in model.modules() if isinstance(m, PiState)]
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, list[int]]:
+    sd = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else dict(v)) for k, v in model.state_dict().items()}
+    return sd, _rows(model)
+
+
+def _assert_unchanged(model: nn.Module, snap) -> None:
+    before, rows = snap
+    now = model.state_dict()
+    assert now.keys() == before.keys()
+    for k, v in before.items():
+        if isinstance(v, torch.Tensor):
+            assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+        else:
+            assert now[k] == v, k
+    assert _rows(model) == rows
+
+
+def _grow(model: nn.Module, gen: torch.Generator, k: int) -> None:
+    """Give every π-state ``k`` more rows and every bias a new value (stands in for training)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PiState):
+                A = torch.randn(k, m.r_out, generator=gen, dtype=D)
+                B = torch.nn.functional.normalize(torch.randn(k, m.r_in, generator=gen, dtype=D), dim=1)
+                m.append(A, B, torch.randn(k, generator=gen, dtype=D))
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=D))
+
+
+def _nets(**kw):
+    """A checkpoint source (rows 4+6, 4+6) and a target net in another state (rows 4+18, 4)."""
+    kw = dict(first_layer_alpha=1.5, last_layer_alpha=3.0, bias_alpha=0.5, dtype=D) | kw
+    gen = torch.Generator().manual_seed(1)
+    src, dst = InfPiMLP(5, 3, 4, 1, **kw), InfPiMLP(5, 3, 4, 1, **kw)
+    _grow(src, gen, 6)
+    _grow(dst.layers[1], gen, 18)
+    return src, dst
+
+
+def _load_fails(model, sd, *names, strict=True, via=None):
+    """Loading ``sd`` raises a StateDictError naming each of ``names`` and leaves ``model`` as it was."""
+    snap = _snapshot(model)
+    load = via or (lambda: model.load_state_dict(sd, strict=strict))
+    with pytest.raises(StateDictError) as e:
+        load()
+    for name in names:
+        assert name in str(e.value), (name, str(e.value))
+    assert "nothing was loaded" in str(e.value)
+    _assert_unchanged(model, snap)
+    return str(e.value)
+
+
+def _edit_extra(sd, key, **changes):
+    return dict(sd, **{key: dict(sd[key], **changes)})
+
+
+# ------------------------------------------------------------------- transactional load_state_dict
+def test_bad_checkpoints_leave_the_net_untouched():
+    src, dst = _nets()
+    sd = src.state_dict()
+    assert _rows(dst) != _rows(src)
+    # Each bad entry sits in the LAST module torch would visit, so a module-by-module load would
+    # already have replaced the earlier layers' rows and tensors.
+    last = "layers.2"
+    cases = [
+        ({k: v for k, v in sd.items() if k != f"{last}.state.B"}, [f'"{last}.state.B"', "Missing"]),
+        (dict(sd, **{f"{last}.extra": torch.zeros(3)}), [f'"{last}.extra"', "Unexpected"]),
+        (dict(sd, **{f"{last}.bias": torch.zeros(4, dtype=D)}), [f"{last}.bias", "(4,)", "(3,)"]),
+        (dict(sd, **{f"{last}.state.B": sd[f"{last}.state.B"][:-1]}), [f"{last}.state.B", "to match"]),
+        (dict(sd, **{f"{last}.state.c": sd[f"{last}.state.c"][:-2]}), [f"{last}.state.c"]),
+        (dict(sd, **{f"{last}.state.A": sd[f"{last}.state.A"][:, :2]}), [f"{last}.state.A", "(M, 3)"]),
+        (_edit_extra(sd, f"{last}._extra_state", alpha=float("nan")), [f"{last}._extra_state", "alpha", "nan"]),
+        (_edit_extra(sd, f"{last}._extra_state", bias_alpha=math.inf), [f"{last}._extra_state", "bias_alpha"]),
+        (_edit_extra(sd, f"{last}._extra_state", layernorm="false"), [f"{last}._extra_state", "layernorm", "'false'"]),
+        (_edit_extra(sd, f"{last}._extra_state", alpha=True), [f"{last}._extra_state", "alpha"]),
+        (_edit_extra(sd, f"{last}._extra_state", surprise=1), [f"{last}._extra_state", "surprise"]),
+        (dict(sd, **{f"{last}._extra_state": [1.0, 0.5]}), [f"{last}._extra_state", "dict"]),
+        (dict(sd, **{f"{last}.state.A": sd[f"{last}.state.A"].tolist()}), [f"{last}.state.A", "list"]),
+        (dict(sd, **{f"{last}.state.c": sd[f"{last}.state.c"].long()}), [f"{last}.state.c", "int64"]),
+        (dict(sd, **{f"{last}.bias": sd[f"{last}.bias"].to(torch.complex128)}), [f"{last}.bias", "complex"]),
+        (dict(sd, **{f"{last}.bias": sd[f"{last}.bias"].tolist()}), [f"{last}.bias", "list"]),
+        (_edit_extra(sd, "_extra_state", depth=2), ["_extra_state", "depth: saved 2 vs this 1"]),
+    ]
+    for bad, names in cases:
+        _load_fails(dst, bad, *names)
+    # several problems at once: all are listed
+    bad = dict(sd, **{"layers.0.A": sd["layers.0.A"][:2], f"{last}.state.B": sd[f"{last}.state.B"][:-1]})
+    _load_fails(dst, bad, "layers.0.A", f"{last}.state.B")
+    # and the good checkpoint then loads completely
+    dst.load_state_dict(sd)
+    assert _rows(dst) == _rows(src) == [10, 10]
+    x = torch.randn(4, 5, dtype=D)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_non_strict_still_refuses_bad_values_and_keeps_a_partial_pi_state():
+    src, dst = _nets()
+    sd = src.state_dict()
+    _load_fails(dst, _edit_extra(sd, "layers.2._extra_state", alpha=float("nan")), "alpha", strict=False)
+    _load_fails(dst, dict(sd, **{"layers.0.A": sd["layers.0.A"][:1]}), "layers.0.A", strict=False)
+    # missing B: torch's non-strict semantics, reported; that π-state keeps its own rows
+    rows_before = dst.layers[2].state.rows
+    res = dst.load_state_dict({k: v for k, v in sd.items() if k != "layers.2.state.B"}, strict=False)
+    assert res.missing_keys == ["layers.2.state.B"] and res.unexpected_keys == []
+    assert dst.layers[2].state.rows == rows_before and dst.layers[1].state.rows == src.layers[1].state.rows
+
+
+def test_bias_checkpoint_into_bias_free_net_and_back():
+    src, _ = _nets()
+    _, no_bias = _nets(bias_alpha=0.0)
+    msg = _load_fails(no_bias, src.state_dict(), "layers.0.bias", "Unexpected",
+                      "layers.0._extra_state", "saved bias_alpha=0.5 but this layer was built without a bias")  # fmt: skip
+    assert "layers.1._extra_state" in msg and "layers.2._extra_state" in msg
+    _load_fails(src, no_bias.state_dict(), '"layers.0.bias"', "Missing", "built with a bias")
+
+
+def test_finite_state_into_infinite_net_and_back():
+    inf, _ = _nets()
+    fin = FinPiMLP(5, 3, 4, 1, 8, first_layer_alpha=1.5, last_layer_alpha=3.0, bias_alpha=0.5, dtype=D,
+                   generator=torch.Generator().manual_seed(2))  # fmt: skip
+    msg = _load_fails(inf, fin.state_dict(), "_extra_state", "this is a FinPiMLP state dict", "FinPiMLP.from_state_dict")
+    assert '"layers.0.weight"' in msg and '"layers.1.state.A"' in msg  # unexpected and missing, by name
+    _load_fails(fin, inf.state_dict(), "this is a InfPiMLP state dict", "InfPiMLP.from_state_dict")
+
+
+class TwoHeads(nn.Module):
+    """The README's custom net: a shared trunk, two readouts. x (b, 20) -> ((b, 3), (b, 5))."""
+
+    def __init__(self, r=8):
+        super().__init__()
+        self.inp = InfPiInput(20, r, dtype=D)
+        self.hidden = InfPiLayer(r, r, layernorm=True, dtype=D)
+        self.head_a = InfPiLayer(r, 3, readout=True, alpha=0.5, dtype=D)
+        self.head_b = InfPiLayer(r, 5, readout=True, bias_alpha=0.0, dtype=D)
+        self.scale = nn.Linear(5, 5, dtype=D)  # an ordinary torch module in the mix
+
+    def forward(self, x):
+        h = self.hidden(self.inp(x))
+        return self.head_a(h), self.scale(self.head_b(h))
+
+
+def test_custom_module_loads_all_or_nothing():
+    gen = torch.Generator().manual_seed(3)
+    src, dst = TwoHeads(), TwoHeads()
+    _grow(src, gen, 5)
+    _grow(dst.hidden, gen, 11)
+    sd = src.state_dict()
+    via = lambda bad: (lambda: pinet.load_state_dict(dst, bad))  # noqa: E731
+    cases = [
+        (dict(sd, **{"scale.weight": torch.zeros(5, 4, dtype=D)}), ["scale.weight"]),
+        ({k: v for k, v in sd.items() if k != "scale.bias"}, ['"scale.bias"']),
+        (dict(sd, **{"head_b.state.B": sd["head_b.state.B"][:-1]}), ["head_b.state.B"]),
+        (_edit_extra(sd, "head_b._extra_state", layernorm="false"), ["head_b._extra_state", "layernorm"]),
+        (dict(sd, **{"head_b.bias": torch.zeros(5, dtype=D)}), ['"head_b.bias"']),
+    ]
+    for bad, names in cases:
+        _load_fails(dst, bad, *names, via=via(bad))
+    # torch's own Module.load_state_dict on the same custom net would have kept a partial load:
+    bad = dict(sd, **{"scale.weight": torch.zeros(5, 4, dtype=D)})
+    with pytest.raises(RuntimeError):
+        nn.Module.load_state_dict(dst, bad)
+    assert _rows(dst) == _rows(src)  # (the π-states were replaced before the error)
+    dst = TwoHeads()
+    pinet.load_state_dict(dst, sd)
+    x = torch.randn(3, 20, dtype=D)
+    assert all(torch.equal(a, b) for a, b in zip(dst(x), src(x)))
+    assert pinet.check_state_dict(dst, sd) == ([], [])
+
+
+class _Tagged(nn.Module):
+    """A user module with its own extra state and no dry-run check."""
+
+    def __init__(self):
+        super().__init__()
+        self.tag = "a"
+        self.lin = nn.Linear(2, 2, dtype=D)
+
+    def get_extra_state(self):
+        return {"tag": self.tag}
+
+    def set_extra_state(self, state):
+        if not isinstance(state.get("tag"), str):
+            raise ValueError("tag must be a str")
+        self.tag = state["tag"]
+
+
+def test_user_extra_state_is_rolled_back():
+    model = nn.ModuleDict({"one": _Tagged(), "two": _Tagged(), "pi": InfPiLayer(2, 2, dtype=D)})
+    sd = model.state_dict()
+    sd["one._extra_state"] = {"tag": "b"}
+    sd["two._extra_state"] = {"tag": 3}
+    _load_fails(model, sd, "two._extra_state", "tag must be a str", via=lambda: pinet.load_state_dict(model, sd))
+    assert model["one"].tag == "a" and model["two"].tag == "a"
+
+
+def test_load_arguments_are_checked():
+    src, dst = _nets()
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        pinet.load_state_dict(dst, [1, 2])
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        pinet.load_state_dict(dst, src.state_dict(), strict="yes")
+    with pytest.raises(ValueError, match="assign must be False"):
+        dst.load_state_dict(src.state_dict(), assign=True)
+
+
+def test_state_dict_error_is_both_runtime_and_value_error():
+    # torch's load errors are RuntimeErrors, pinet's argument errors ValueErrors: both catch it.
+    assert issubclass(StateDictError, RuntimeError) and issubclass(StateDictError, ValueError)
+
+
+def test_resume_style_round_trip_is_bit_exact():
+    src, _ = _nets()
+    dst = InfPiMLP.from_state_dict(src.state_dict())
+    assert _rows(dst) == _rows(src)
+    for k, v in src.state_dict().items():
+        w = dst.state_dict()[k]
+        assert (torch.equal(v, w) and v.dtype == w.dtype) if isinstance(v, torch.Tensor) else v == w, k
