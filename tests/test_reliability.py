@@ -244,3 +244,93 @@ def test_resume_style_round_trip_is_bit_exact():
     for k, v in src.state_dict().items():
         w = dst.state_dict()[k]
         assert (torch.equal(v, w) and v.dtype == w.dtype) if isinstance(v, torch.Tensor) else v == w, k
+
+
+# ------------------------------------------------------------------ arguments and extra state
+def test_constructor_errors_name_the_argument():
+    nan = float("nan")
+    cases = [
+        (lambda: FinPiMLP(3, 2, 4, 1, 8, first_layer_alpha=nan), "first_layer_alpha"),
+        (lambda: FinPiMLP(3, 2, 4, 1, 8, last_layer_alpha=math.inf), "last_layer_alpha"),
+        (lambda: FinPiMLP(3, 2, 4, 1, 8, last_bias_alpha=nan), "last_bias_alpha"),
+        (lambda: FinPiMLP(3, 2, 4, 1, 8, layernorm="false"), "layernorm"),
+        (lambda: InfPiMLP(3, 2, 4, 1, hidden_bias_alpha=nan), "hidden_bias_alpha"),
+        (lambda: InfPiMLP(3, 2, 4, 1, layernorm="false"), "layernorm"),
+    ]
+    for make, name in cases:
+        with pytest.raises(ValueError, match=name):
+            make()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool, "float32"])
+def test_non_float_dtypes_are_refused_at_construction(dtype):
+    omega = torch.randn(6, 4, dtype=D)
+    makers = [
+        lambda: InfPiMLP(3, 2, 4, 1, dtype=dtype),
+        lambda: FinPiMLP(3, 2, 4, 1, 8, dtype=dtype),
+        lambda: InfPiInput(3, 4, dtype=dtype),
+        lambda: InfPiLayer(4, 4, dtype=dtype),
+        lambda: pinet.FinPiInput(3, omega, dtype=dtype),
+        lambda: pinet.FinPiLayer(6, 6, omega=omega, dtype=dtype),
+        lambda: pinet.FinPiLayer(6, 2, dtype=dtype),
+        lambda: PiState(4, 4, dtype=dtype),
+        lambda: PiState(4, 4, coef_dtype=dtype),
+    ]
+    for make in makers:
+        with pytest.raises(ValueError, match=r"dtype must be a real floating-point torch\.dtype"):
+            make()
+    if isinstance(dtype, torch.dtype):
+        with pytest.raises(ValueError, match=r"omega\.dtype"):
+            pinet.FinPiState(omega.to(dtype))
+
+
+def test_complex_inputs_are_refused():
+    x = torch.randn(2, 3, dtype=torch.complex128)
+    for net in (InfPiMLP(3, 2, 4, 1, dtype=D), FinPiMLP(3, 2, 4, 1, 8, dtype=D)):
+        with pytest.raises(TypeError, match="x must be real.*complex128"):
+            net(x)
+    # integer inputs are exact in the net's float dtype and stay allowed
+    assert InfPiMLP(3, 2, 4, 1, dtype=D)(torch.ones(2, 3, dtype=torch.int64)).dtype == D
+
+
+def test_set_extra_state_refuses_strings_and_nan():
+    layer = InfPiLayer(4, 4, dtype=D)
+    before = layer.get_extra_state()
+    for bad, name in [(dict(before, layernorm="false"), "layernorm"), (dict(before, alpha=float("nan")), "alpha"),
+                      ({"alpha": 1.0}, "missing bias_alpha, layernorm")]:  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            layer.set_extra_state(bad)
+        assert layer.get_extra_state() == before
+
+
+def test_from_state_dict_names_the_kind_and_the_key():
+    inf, _ = _nets()
+    fin = FinPiMLP(5, 3, 4, 1, 8, bias_alpha=0.5, dtype=D, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(StateDictError, match=r"this is a FinPiMLP state dict.*pinet\.FinPiMLP\.from_state_dict"):
+        InfPiMLP.from_state_dict(fin.state_dict())
+    with pytest.raises(StateDictError, match=r"this is a InfPiMLP state dict.*pinet\.InfPiMLP\.from_state_dict"):
+        FinPiMLP.from_state_dict(inf.state_dict())
+    sd = inf.state_dict()
+    cases = [
+        (_edit_extra(sd, "layers.0._extra_state", alpha=float("nan")), "layers.0._extra_state: alpha"),
+        (_edit_extra(sd, "layers.2._extra_state", layernorm="false"), "layers.2._extra_state: layernorm"),
+        (_edit_extra(sd, "_extra_state", r="4"), "'r' must be a positive int"),
+        ({k: v for k, v in sd.items() if k != "layers.2._extra_state"}, "missing key 'layers.2._extra_state'"),
+        ({k: v for k, v in sd.items() if k != "layers.2.state.A"}, "missing key 'layers.2.state.A'"),
+        ({"layers.0.A": sd["layers.0.A"]}, "no '_extra_state'"),
+    ]
+    for bad, msg in cases:
+        with pytest.raises(StateDictError, match=msg):
+            InfPiMLP.from_state_dict(bad)
+    # each kind rebuilds itself exactly, Ω included for the finite net
+    x = torch.randn(3, 5, dtype=D)
+    for net in (inf, fin):
+        again = type(net).from_state_dict(net.state_dict())
+        assert torch.equal(again(x), net(x))
+
+
+def test_hidden_bias_alpha_survives_save_and_load():
+    net = InfPiMLP(3, 2, 4, 2, bias_alpha=0.0, hidden_bias_alpha=1.0, last_bias_alpha=1.0, dtype=D)
+    assert net.layers[0].bias is None and net.layers[1].bias is not None and net.hidden_bias_alpha == 1.0
+    again = InfPiMLP.from_state_dict(net.state_dict())
+    assert again.multipliers() == net.multipliers()
