@@ -245,3 +245,235 @@ def test_accuracy_regressor_and_errors():
         one_hot_targets(torch.tensor([0, 3]), 3)
     with pytest.raises(ValueError, match="kind"):
         KernelRegressor("rbf")
+
+
+# ------------------------------------------------------------------------- the ImageNet32 command
+import csv  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from experiments.imagenet import data as imagenet_data  # noqa: E402
+from experiments.imagenet import transfer_imagenet  # noqa: E402
+
+# Labels of the tiny ImageNet32: 1, 5, 9 and 997 are in the default 250-class subset (ids 1, 5, ...,
+# 997), 2, 3 and 1000 are not and must be dropped.
+_KEPT, _DROPPED = [1, 5, 9, 997], [2, 3, 1000]
+
+
+def _write_imagenet32(folder, per_batch=6, n_val=10, seed=0):
+    """Tiny ImageNet32 in the official layout: train_data_batch_1..10 and val_data, pickled dicts with
+    'data' (N, 3072) uint8 and 1-based 'labels' (plus the 'mean' the real training batches carry)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    kept = 0
+
+    def batch(n):
+        nonlocal kept
+        y = rng.choice(_KEPT + _DROPPED, n)
+        kept += int(np.isin(y, _KEPT).sum())
+        x = np.clip((y[:, None] % 7) * 30 + rng.integers(0, 60, (n, 3072)), 0, 255).astype(np.uint8)
+        return {"data": x, "labels": y.tolist(), "mean": x.mean(0)}
+
+    for i in range(1, 11):
+        with open(os.path.join(folder, f"train_data_batch_{i}"), "wb") as f:
+            pickle.dump(batch(per_batch), f)
+    n_train = kept
+    with open(os.path.join(folder, "val_data"), "wb") as f:
+        pickle.dump(batch(n_val), f)
+    return n_train
+
+
+def _write_cifar10(root, per_batch=8, n_test=12):
+    """Tiny CIFAR-10 in the real python-pickle layout (as tests/test_experiments.py)."""
+    rng = np.random.default_rng(1)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+
+    def batch(n, label):
+        y = rng.integers(0, 10, n)
+        x = np.clip(y[:, None] * 25 + rng.integers(0, 40, (n, 3072)), 0, 255).astype(np.uint8)
+        return {"batch_label": label, "labels": y.tolist(), "data": x, "filenames": [f"{i}.png" for i in range(n)]}
+
+    for i in range(1, 6):
+        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+            pickle.dump(batch(per_batch, f"training batch {i} of 5"), f)
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        pickle.dump(batch(n_test, "testing batch 1 of 1"), f)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    n_train = _write_imagenet32(tmp_path / "imagenet")
+    _write_cifar10(tmp_path / "cifar")
+    return tmp_path, n_train
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# The reference README's command (seeds/, pilimit_lib "Imagenet") with its transfer flags.
+REFERENCE = ("--save-dir=./output/ --save-model --cuda --r 200 --lr=0.01 --batch-size=16 --gclip=0 --epochs=40 "
+             "--human --wd=0.0001 --bias-alpha=0.5 --first-layer-lr-mult=1.0 --last-layer-lr-mult=1.0 "
+             "--gclip-per-param --transfer --transfer-milestones=0,5,10").split()  # fmt: skip
+
+# Every flag of the reference command (../shared/reference-clis.md).
+REFERENCE_FLAGS = """--verbose --imagenet-data --cifar-data --save-dir --save-model --cuda --float --batch-size
+--test-batch-size --lr --scheduler --lr-drop-ratio --gclip-drop-ratio --lr-drop-milestones --gclip-drop-milestones
+--no-apply-lr-mult-to-wd --wd --gclip --gclip-per-param --layernorm --first-layer-lr-mult --last-layer-lr-mult
+--bias-lr-mult --first-layer-alpha --bias-alpha --last-layer-alpha --depth --loss --r --init-from-data
+--init-A-B-direct --gaussian-init --cycarr --human --width --epochs --quiet --seed --transfer --solve-kernel
+--transfer-milestones""".split()
+
+
+def test_transfer_flags_parse_as_the_reference():
+    p = transfer_imagenet.build_parser()
+    assert set(REFERENCE_FLAGS) <= set(p._option_string_actions)
+    d = p.parse_args([])
+    # The reference's defaults; --width absent means the infinite net.
+    expect = dict(width=None, r=400, depth=2, batch_size=64, test_batch_size=64, lr=2.0, scheduler="none",
+                  lr_drop_ratio=0.5, gclip_drop_ratio=0.5, lr_drop_milestones=[], gclip_drop_milestones=[],
+                  apply_lr_mult_to_wd=True, wd=1e-4, gclip=0.2, gclip_per_param=False, layernorm=False,
+                  first_layer_lr_mult=0.1, last_layer_lr_mult=1.0, bias_lr_mult=0.5, first_layer_alpha=1.0,
+                  bias_alpha=1.0, last_layer_alpha=1.0, loss="xent", epochs=24, seed=1, transfer=False,
+                  solve_kernel=False, transfer_milestones=[], cifar_data="./dataset", save_dir="", float=False,
+                  cuda=False, save_model=False, verbose=False, human=False, quiet=False, cycarr=False,
+                  init_from_data=False, init_A_B_direct=False, gaussian_init=False)  # fmt: skip
+    assert {k: getattr(d, k) for k in expect} == expect
+    assert d.imagenet_data == os.path.join("examples", "imagenet", "data")
+    a = p.parse_args(REFERENCE + ["--scheduler", "multistep", "--lr-drop-milestones", "30",
+                                  "--gclip-drop-milestones", "20,30", "--no-apply-lr-mult-to-wd", "--width", "512"])
+    got = {k: getattr(a, k) for k in ("save_dir", "save_model", "cuda", "r", "lr", "batch_size", "gclip", "epochs",
+                                      "human", "wd", "bias_alpha", "first_layer_lr_mult", "last_layer_lr_mult",
+                                      "gclip_per_param", "transfer", "transfer_milestones", "scheduler",
+                                      "lr_drop_milestones", "gclip_drop_milestones", "apply_lr_mult_to_wd", "width")}
+    assert got == dict(save_dir="./output/", save_model=True, cuda=True, r=200, lr=0.01, batch_size=16, gclip=0.0,
+                       epochs=40, human=True, wd=1e-4, bias_alpha=0.5, first_layer_lr_mult=1.0,
+                       last_layer_lr_mult=1.0, gclip_per_param=True, transfer=True, transfer_milestones=[0, 5, 10],
+                       scheduler="multistep", lr_drop_milestones=[30], gclip_drop_milestones=[20, 30],
+                       apply_lr_mult_to_wd=False, width=512)  # fmt: skip
+    a.gclip = 0.4
+    a.gclip_drop_ratio = 0.5
+    assert [transfer_imagenet._gclip_at(a, e) for e in (0, 19, 20, 29, 30, 40)] == [0.4, 0.4, 0.2, 0.2, 0.1, 0.1]
+
+
+def _recompute_transfer(net, cifar_root, ridges, method="inverse"):
+    Xtr, ytr, Xte, yte = imagenet_data.load_cifar10(cifar_root)
+    Xtr, Xte = imagenet_data.normalize(Xtr), imagenet_data.normalize(Xte)
+    K = pinet.feature_kernel(net, Xtr, dtype=DT)
+    Kt = pinet.feature_kernel(net, Xte, Xtr, dtype=DT)
+    Y = one_hot_targets(torch.from_numpy(ytr), 10)
+    preds = [Kt @ (torch.linalg.inv(K + lam * torch.eye(K.shape[0], dtype=DT)) @ Y) for lam in ridges]
+    return [accuracy(p, torch.from_numpy(yte)) for p in preds]
+
+
+def test_transfer_command_end_to_end_with_milestones(tiny_data, capsys):
+    root, n_train = tiny_data
+    out = str(root / "out")
+    # Later flags win in argparse: the reference command, small, on CPU, our paths.
+    small = ["--r", "8", "--depth", "1", "--epochs", "2", "--float64", "--batch-size", "8", "--transfer-milestones",
+             "0,2", "--transfer-ridges", "1e-4,1e-8", "--kernel-block-size", "16", "--save-dir", out,
+             "--imagenet-data", str(root / "imagenet"), "--cifar-data", str(root / "cifar")]  # fmt: skip
+    argv = [a for a in REFERENCE if a not in ("--cuda", "--human")] + small
+    res = transfer_imagenet.main(argv)
+    stdout = capsys.readouterr().out
+    assert "transfer at epoch 0" in stdout and "transfer at epoch 2" in stdout
+    log = _csv(os.path.join(out, "log.csv"))
+    assert [int(r["epoch"]) for r in log] == [1, 2]
+    # The 250-class subset: only rows of kept classes are trained on, one π-row each per epoch.
+    assert int(log[0]["M_layer1"]) == 8 + n_train and int(log[1]["M_layer1"]) == 8 + 2 * n_train
+    model = pinet.InfPiMLP.from_state_dict(torch.load(os.path.join(out, "model.pt"), weights_only=True))
+    assert model.d_out == 250
+    tr = _csv(os.path.join(out, "transfer.csv"))
+    assert [(int(r["epoch"]), float(r["ridge"])) for r in tr] == [(0, 1e-4), (0, 1e-8), (2, 1e-4), (2, 1e-8)]
+    assert log[1]["transfer_acc"] == tr[2]["transfer_acc"] and log[0]["transfer_acc"] == ""
+    # The logged accuracies are the feature-kernel ridge accuracies of the saved (epoch 2) net and of
+    # the initialisation (epoch 0: the same seed rebuilds it).
+    accs = _recompute_transfer(model, str(root / "cifar"), [1e-4, 1e-8])
+    assert [float(r["transfer_acc"]) for r in tr[2:]] == pytest.approx(accs, abs=1e-12)
+    init = res["model"].__class__.from_state_dict(torch.load(os.path.join(out, "model.pt"), weights_only=True))
+    init.reset_parameters(torch.Generator().manual_seed(1))  # --seed 1 (the reference default)
+    accs0 = _recompute_transfer(init, str(root / "cifar"), [1e-4, 1e-8])
+    assert [float(r["transfer_acc"]) for r in tr[:2]] == pytest.approx(accs0, abs=1e-12)
+    from PIL import Image
+
+    with Image.open(os.path.join(out, "curves.png")) as im:
+        im.verify()
+    # A saved model evaluated with --test --transfer (the reference's "load a trained net, milestone 0").
+    test = transfer_imagenet.main(["--test", "--model-path", os.path.join(out, "model.pt"), "--transfer",
+                                   "--solve-kernel", "--transfer-ridges", "1e-4", "--imagenet-data",
+                                   str(root / "imagenet"), "--cifar-data", str(root / "cifar")])  # fmt: skip
+    assert test["transfer_acc"] == pytest.approx(accs[:1], abs=1e-12)
+
+
+def test_transfer_resume_and_finite_width(tiny_data):
+    root, _ = tiny_data
+    common = ["--r", "8", "--depth", "1", "--epochs", "2", "--float64", "--batch-size", "8", "--quiet", "--transfer",
+              "--transfer-milestones", "1,2", "--imagenet-data", str(root / "imagenet"), "--cifar-data",
+              str(root / "cifar"), "--imagenet-classes", "1,5,9,997", "--width", "16"]  # fmt: skip
+    a = transfer_imagenet.main(common + ["--save-dir", str(root / "a")])
+    transfer_imagenet.main(common + ["--save-dir", str(root / "b"), "--stop-after", "1"])
+    b = transfer_imagenet.main(["--resume", str(root / "b" / "checkpoint.pt"), "--quiet", "--transfer",
+                                "--transfer-milestones", "1,2", "--imagenet-data", str(root / "imagenet"),
+                                "--cifar-data", str(root / "cifar")])  # fmt: skip
+    assert isinstance(a["model"], pinet.FinPiMLP) and a["model"].d_out == 4
+    key = lambda h: [(r["epoch"], r["train_loss"], r["test_acc"]) for r in h]  # noqa: E731
+    assert key(a["history"]) == key(b["history"])
+    assert [(t["epoch"], t["acc"]) for t in a["transfers"]] == [(t["epoch"], t["acc"]) for t in b["transfers"]]
+
+
+def test_restricted_loader_rejects_a_pickle_that_carries_code(tiny_data, capsys):
+    root, _ = tiny_data
+    marker = root / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = root / "imagenet" / "train_data_batch_3"
+    with open(path, "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [1]}, f)
+    with pytest.raises(imagenet_data.UnsafePickleError, match="system"):
+        imagenet_data.restricted_load(str(path))
+    with pytest.raises(SystemExit) as e:
+        transfer_imagenet.main(["--imagenet-data", str(root / "imagenet"), "--r", "8", "--float"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "carries code" in err and "train_data_batch_3" in err
+    assert not marker.exists()
+    # A real numpy pickle still loads (arrays, lists, numbers only).
+    ok = imagenet_data.restricted_load(str(root / "imagenet" / "train_data_batch_1"))
+    assert ok["data"].dtype == np.uint8 and ok["data"].shape[1] == 3072
+
+
+def test_missing_data_and_refused_flags_are_one_line_errors(tiny_data, capsys):
+    root, _ = tiny_data
+
+    def err_of(argv, usage=False):
+        with pytest.raises(SystemExit) as e:
+            transfer_imagenet.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err
+        if usage:  # a bad flag value: argparse's usage, then one line naming the flag
+            assert err.startswith("usage:")
+            return err.splitlines()[-1]
+        assert len(err.splitlines()) == 1
+        return err
+
+    err = err_of(["--imagenet-data", str(root / "nowhere"), "--float"])
+    assert str(root / "nowhere") in err and "train_data_batch_1" in err and "val_data" in err and "--imagenet-data" in err
+    os.remove(root / "imagenet" / "val_data")
+    err = err_of(["--imagenet-data", str(root / "imagenet"), "--float"])
+    assert "lacks val_data" in err
+    _write_imagenet32(root / "imagenet")
+    err = err_of(["--imagenet-data", str(root / "imagenet"), "--cifar-data", str(root / "nocifar"), "--transfer",
+                  "--r", "8", "--epochs", "1", "--float"])  # fmt: skip
+    assert "CIFAR-10 not found" in err and "data_batch_1" in err and "--cifar-data" in err
+    assert "not implemented" in err_of(["--gaussian-init", "--width", "64"])
+    assert "after --epochs 2" in err_of(["--transfer", "--transfer-milestones", "5", "--epochs", "2"], usage=True)
+    assert "only used with --transfer" in err_of(["--transfer-milestones", "0"], usage=True)
+    assert "--width" in err_of(["--width", "0"], usage=True)
