@@ -126,3 +126,183 @@ def test_layers_use_the_selected_backend(monkeypatch):
         with kernels.use_backend("native"):
             net(torch.randn(3, 6)).sum().backward()
         assert calls == [(kernels.torch_ops.native_reduce,)] * 2
+
+
+# --------------------------------------------------------------------------- triton (interpreter)
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when pinet.kernels.triton_pi is
+# imported, so the interpreted runs happen in one subprocess that sets it before any import; this
+# process computes the float64 references. Cases: (b, r, r_out, M, storage, programs) with odd
+# M and b, M below one row block, a single program, more programs than blocks, and M = 0.
+TRITON_CASES = [
+    (3, 5, 7, 37, "float32", None),
+    (5, 20, 3, 101, "float32", 1),
+    (1, 16, 16, 16, "float32", None),
+    (8, 40, 10, 300, "float32", 50),
+    (7, 33, 17, 129, "float32", 2),
+    (2, 9, 4, 0, "float32", None),
+    (5, 24, 6, 97, "bfloat16", None),
+    (3, 12, 5, 61, "float16", None),
+]
+
+_TRITON_SCRIPT = r"""
+import os, sys
+assert os.environ["TRITON_INTERPRET"] == "1"
+import torch
+from torch.nn import functional as TF
+import pinet
+from pinet import kernels
+from pinet.kernels import triton_pi
+from pinet.hooks import ClipGradNorm
+from pinet.optim import PiOptimizerWrapper
+
+cases, out = eval(sys.argv[1]), sys.argv[2]
+res = {"available": kernels.available_backends()}
+for k, (b, r, r_out, M, storage, programs) in enumerate(cases):
+    gen = torch.Generator().manual_seed(k)
+    g = TF.normalize(torch.randn(b, r, generator=gen, dtype=torch.float64), dim=1)
+    A = torch.randn(M, r_out, generator=gen, dtype=torch.float64)
+    B = TF.normalize(torch.randn(M, r, generator=gen, dtype=torch.float64), dim=1)
+    c = torch.randn(M, generator=gen, dtype=torch.float64)
+    d = torch.randn(b, r_out, generator=gen, dtype=torch.float64)
+    st = getattr(torch, storage)
+    ins = [g.float(), A.to(st), B.to(st), c.float()]
+    u = triton_pi.forward(*ins, programs=programs)
+    grads = triton_pi.backward(*ins, d.float(), (True,) * 4, programs=programs)
+    only_g = triton_pi.backward(*ins, d.float(), (True, False, False, False), programs=programs)
+    res[k] = {"inputs": [g, A, B, c, d], "rounded": [t.double() for t in ins], "u": u, "grads": grads,
+              "only_g": only_g}
+
+# Through pinet.kernels.pi_layer and autograd (layernorm and not) and a small training run: the
+# triton backend against the torch backend, both float32.
+gen = torch.Generator().manual_seed(99)
+x = torch.randn(5, 12, generator=gen)
+A = torch.randn(45, 6, generator=gen)
+B = TF.normalize(torch.randn(45, 12, generator=gen), dim=1)
+c = torch.randn(45, generator=gen)
+for ln in (False, True):
+    for name in ("torch", "triton"):
+        ins = [t.clone().requires_grad_() for t in (x, A, B, c)]
+        with kernels.use_backend(name):
+            o = kernels.pi_layer(*ins, layernorm=ln)[0]
+        o.pow(2).sum().backward()
+        res[f"layer_{ln}_{name}"] = [o.detach()] + [t.grad for t in ins]
+
+def train(name):
+    torch.manual_seed(0)
+    net = pinet.InfPiMLP(10, 3, r=8, depth=2)
+    opt = PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net,
+                             hooks=[ClipGradNorm(0.5, per_param=True)])
+    gen = torch.Generator().manual_seed(1)
+    with kernels.use_backend(name):
+        for _ in range(6):
+            xb, yb = torch.randn(7, 10, generator=gen), torch.randint(0, 3, (7,), generator=gen)
+            opt.zero_grad()
+            TF.cross_entropy(net(xb), yb).backward()
+            opt.step()
+        return net(torch.randn(9, 10, generator=gen)).detach()
+
+res["train_torch"], res["train_triton"] = train("torch"), train("triton")
+torch.save(res, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def triton_results(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("triton") / "res.pt"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, repr(TRITON_CASES), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out)
+
+
+def _rel(got, ref):
+    if ref.numel() == 0:
+        return 0.0
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def _reference(g, A, B, c, d, needs=(True,) * 4):
+    ins = [t.clone().requires_grad_(n) for t, n in zip((g, A, B, c), needs)]
+    u = F.pi_product(*ins)
+    grads = torch.autograd.grad(u, [t for t in ins if t.requires_grad], d, allow_unused=True)
+    return u.detach(), grads
+
+
+@pytest.mark.parametrize("case", range(len(TRITON_CASES)), ids=[str(c) for c in TRITON_CASES])
+def test_triton_forward_and_four_gradients_match_float64(triton_results, case):
+    res = triton_results[case]
+    storage = getattr(torch, TRITON_CASES[case][4])
+    g, A, B, c, d = res["inputs"]
+    # Half storage: compare with the formula on the rounded rows (the kernel computes in float32).
+    rg, rA, rB, rc = res["rounded"]
+    u, grads = _reference(rg, rA, rB, rc, d.float().double())
+    # float32 products of ≤ 40 terms and float32 sums of ≤ 300 rows: observed ≤ 3e-7 of the
+    # largest entry; 2e-6 is float32 rounding with margin, a wrong tile or mask is off by O(1).
+    assert _rel(res["u"], u) < 2e-6
+    for name, got, want in zip("gABc", res["grads"], grads):
+        assert got.shape == want.shape, name
+        assert got.dtype == (storage if name in "AB" else torch.float32), name
+        # Gradients for A and B come back in the storage dtype: for half storage compare to
+        # that dtype's rounding (bf16 eps 2^-8, fp16 2^-11), else float32 rounding.
+        tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3}.get(got.dtype, 2e-6)
+        assert _rel(got, want) < tol, (name, _rel(got, want))
+    only = res["only_g"]
+    assert only[1:] == (None, None, None)
+    assert _rel(only[0], grads[0]) < 2e-6
+
+
+def test_triton_backend_through_pi_layer_equals_torch_backend(triton_results):
+    assert "triton" in triton_results["available"]
+    for ln in (False, True):
+        for got, want in zip(triton_results[f"layer_{ln}_triton"], triton_results[f"layer_{ln}_torch"]):
+            assert _rel(got, want.double()) < 2e-6
+
+
+def test_triton_training_run_equals_torch_backend(triton_results):
+    # 6 wrapped-SGD steps in float32 that differ only in summation order: agree to ~1e-6.
+    assert _rel(triton_results["train_triton"], triton_results["train_torch"].double()) < 1e-4
+
+
+def test_triton_kernel_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    from pinet.kernels import triton_pi
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    A = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"backend 'triton' runs on CUDA tensors, got tensors on cpu"):
+        triton_pi.pi_product(torch.randn(2, 5), A, torch.randn(4, 5), torch.randn(4))
+    with pytest.raises(ValueError, match=r"g must be float32 .* got torch.float64"):
+        triton_pi.pi_product(torch.randn(2, 5, dtype=D), A, torch.randn(4, 5), torch.randn(4))
+
+
+def test_triton_kernels_compile_for_an_h100_class_gpu():
+    # The interpreter runs the kernels' semantics, not the GPU compiler: compile both for sm_90
+    # (H100/H200) with Triton's own toolchain (no GPU needed) at the benchmark's shape, bfloat16
+    # rows of r = 400 (tiles padded to 512), every gradient, so a construct the compiler rejects
+    # fails here and not on a user's first GPU run.
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pinet.kernels import triton_pi
+
+    if triton_pi._fwd_kernel.__class__.__name__ != "JITFunction":
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    ints = {n: "i32" for n in ("M", "b", "r", "r_out", "stride_a", "stride_b", "blocks_per_prog")}
+    tiles = dict(BLOCK_M=32, BLOCK_B=16, R_PAD=512, RO_PAD=512)
+    for kernel, ptrs, flags in (
+        (triton_pi._fwd_kernel, ("g_ptr", "A_ptr", "B_ptr", "c_ptr", "part_ptr"), {}),
+        (triton_pi._bwd_kernel, ("g_ptr", "d_ptr", "A_ptr", "B_ptr", "c_ptr", "gA_ptr", "gB_ptr", "gc_ptr", "part_ptr"),
+         dict(NEED_G=True, NEED_A=True, NEED_B=True, NEED_C=True)),
+    ):  # fmt: skip
+        consts = {**flags, **tiles}
+        sig = {p: ("*bf16" if p in ("A_ptr", "B_ptr") else "*fp32") for p in ptrs}
+        sig.update(ints, inv_two_pi="fp32", **{k: "constexpr" for k in consts})
+        try:
+            compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": 8})  # fmt: skip
+        except FileNotFoundError as e:  # a Triton build without the NVIDIA toolchain (ptxas)
+            pytest.skip(f"Triton's CUDA toolchain is missing: {e}")
+        assert "cubin" in compiled.asm
