@@ -7,7 +7,7 @@ follow in the order given.
 """
 
 from .accumulate import Accumulate
-from .base import GradHook, Grads, HookContext
+from .base import Chain, GradHook, Grads, HookContext, chain, check_grads
 from .clip import ClipGradNorm
 from .concatenate import Concatenate
 from .norm import GradNorm, grad_sqnorms, total_norm
@@ -17,6 +17,9 @@ __all__ = [
     "GradHook",
     "Grads",
     "HookContext",
+    "Chain",
+    "chain",
+    "check_grads",
     "Concatenate",
     "ProjectToR",
     "GradNorm",

@@ -19,9 +19,10 @@ from typing import Any, Union
 
 from torch import Tensor, nn
 
-from ..state import FinPiState, PiRows, PiState
+from ..rows import PiRows
+from ..state import FinPiState, PiState
 
-__all__ = ["Grads", "HookContext", "GradHook"]
+__all__ = ["Grads", "HookContext", "GradHook", "Chain", "chain"]
 
 Grads = dict[str, Union[Tensor, PiRows]]
 
@@ -34,7 +35,9 @@ class HookContext:
         params: ordinary parameters by name (π-coefficients ``*.c`` included).
         pi_states: :class:`PiState` modules by name.
         projectors: :class:`FinPiState` modules by name, each with the names of the parameters
-            (its owner's own ``weight``/``bias``) whose gradients it projects.
+            whose gradients it projects: those its owner declares through
+            ``projected_parameters()`` (:class:`pinet.FinPiModule`), else all of the owner's
+            parameters except those under a nested projector owner.
         stats: per-step values a hook wants to report (e.g. ``"grad_norm"``); reset every step.
         cache: per-step memo shared by hooks (e.g. gradient norms); reset every step.
     """
@@ -56,13 +59,33 @@ class HookContext:
                 pi_states[name] = module
             for child_name, child in module.named_children():
                 if isinstance(child, FinPiState):
-                    owned = [_join(name, p) for p, _ in module.named_parameters(recurse=False)]
+                    declared = getattr(module, "projected_parameters", None)
+                    pairs = declared() if callable(declared) else _owned_parameters(module)
+                    by_id = {id(p): n for n, p in params.items()}
+                    owned = []
+                    for pname, p in pairs:
+                        if id(p) not in by_id:
+                            raise ValueError(
+                                f"{type(module).__name__} '{name}': projected_parameters() names {pname!r}, "
+                                "which is not a parameter of the model"
+                            )
+                        owned.append(by_id[id(p)])
                     projectors[_join(name, child_name)] = (child, owned)
         return cls(params, pi_states, projectors)
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _owned_parameters(module: nn.Module):
+    # Same default as pinet.FinPiModule.projected_parameters, for owners that are plain modules.
+    nested = [
+        n + "." for n, m in module.named_modules() if n and any(isinstance(c, FinPiState) for c in m.children())
+    ]
+    for n, p in module.named_parameters():
+        if not any(n.startswith(prefix) for prefix in nested):
+            yield n, p
 
 
 class GradHook:
@@ -88,6 +111,104 @@ class GradHook:
         """Inverse of :meth:`state_to_dict`."""
         return data
 
+    def config(self) -> dict:
+        """The hook's settings, saved with the wrapper's state and compared on load (default: its
+        attributes that are numbers, strings, bools or ``None``)."""
+        return {k: v for k, v in vars(self).items() if v is None or isinstance(v, (bool, int, float, str))}
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
+
+
+class Chain(GradHook):
+    """Run hooks in order, threading each one's state (optax's ``chain``).
+
+    ``init`` returns a tuple with one state per hook; ``update`` returns the last hook's gradients
+    and the tuple of new states, or ``(None, states)`` as soon as a hook ends the step (e.g.
+    :class:`~pinet.hooks.Accumulate` stashing a micro-batch; later hooks are then not run and keep
+    their states). It is pure: a hook that raises leaves the caller's states untouched. Every
+    hook's output is checked (see :func:`check_grads`) so that a misbehaving hook is named.
+    """
+
+    def __init__(self, *hooks: GradHook) -> None:
+        flat: list[GradHook] = []
+        for h in hooks:
+            if isinstance(h, Chain):
+                flat.extend(h.hooks)
+            elif isinstance(h, GradHook):
+                flat.append(h)
+            else:
+                raise TypeError(f"chain: every hook must be a GradHook, got {type(h).__name__}")
+        self.hooks: tuple[GradHook, ...] = tuple(flat)
+
+    def init(self, ctx: HookContext) -> tuple:
+        return tuple(h.init(ctx) for h in self.hooks)
+
+    def update(self, grads: Grads, state: tuple, ctx: HookContext):
+        if len(state) != len(self.hooks):
+            raise ValueError(f"Chain.update: got {len(state)} states for {len(self.hooks)} hooks")
+        states = list(state)
+        for i, hook in enumerate(self.hooks):
+            result = hook.update(grads, states[i], ctx)
+            if not isinstance(result, tuple) or len(result) != 2:
+                raise TypeError(
+                    f"{type(hook).__name__}.update must return (grads, state), got "
+                    f"{type(result).__name__}{'' if not isinstance(result, tuple) else f' of length {len(result)}'}"
+                )
+            grads, states[i] = result
+            if grads is None:
+                break
+            check_grads(grads, ctx, where=type(hook).__name__)
+        return grads, tuple(states)
+
+    def state_to_dict(self, state: tuple) -> list:
+        return [h.state_to_dict(s) for h, s in zip(self.hooks, state)]
+
+    def state_from_dict(self, data: list, ctx: HookContext) -> tuple:
+        return tuple(h.state_from_dict(d, ctx) for h, d in zip(self.hooks, data))
+
+    def config(self) -> dict:
+        return {"hooks": [{"type": type(h).__name__, **h.config()} for h in self.hooks]}
+
+    def __repr__(self) -> str:
+        return f"Chain({', '.join(repr(h) for h in self.hooks)})"
+
+
+def chain(*hooks: GradHook) -> Chain:
+    """Compose hooks into one :class:`Chain` (nested chains are flattened)."""
+    return Chain(*hooks)
+
+
+def check_grads(grads: Grads, ctx: HookContext, where: str = "hook") -> None:
+    """Check what a hook returned before anything is written: every key names a parameter or a
+    π-state of the model, tensors have their parameter's shape and a floating dtype, π-rows have
+    the state's ``(r_in, r_out)``. Raises naming ``where`` and the key. (Finiteness is checked once,
+    on the chain's final output, through its norm: see ``PiOptimizerWrapper.step``.)"""
+    if not isinstance(grads, dict):
+        raise TypeError(f"{where}: gradients must be a dict of name -> Tensor | PiRows, got {type(grads).__name__}")
+    for name, g in grads.items():
+        if isinstance(g, PiRows):
+            st = ctx.pi_states.get(name)
+            if st is None:
+                raise ValueError(f"{where}: returned π-rows for {name!r}, which is not a PiState of the model")
+            if (g.r_in, g.r_out) != (st.r_in, st.r_out):
+                raise ValueError(
+                    f"{where}: π-rows for {name!r} have (r_in, r_out) = ({g.r_in}, {g.r_out}), the state "
+                    f"has ({st.r_in}, {st.r_out})"
+                )
+            parts = {"A": g.A, "B": g.B, "coef": g.coef}
+        elif isinstance(g, Tensor):
+            p = ctx.params.get(name)
+            if p is None:
+                raise ValueError(f"{where}: returned a gradient for {name!r}, which is not a parameter of the model")
+            if g.shape != p.shape:
+                raise ValueError(
+                    f"{where}: gradient of {name!r} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}"
+                )
+            parts = {"grad": g}
+        else:
+            raise TypeError(f"{where}: gradient of {name!r} must be a Tensor or PiRows, got {type(g).__name__}")
+        for part, t in parts.items():
+            if not t.is_floating_point():
+                raise TypeError(f"{where}: {name!r} ({part}) has dtype {t.dtype}; gradients must be floating point")

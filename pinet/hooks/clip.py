@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 
 from .base import GradHook, Grads, HookContext
@@ -20,15 +23,19 @@ class ClipGradNorm(GradHook):
     """
 
     def __init__(self, max_norm: float, per_param: bool = False, error_if_nonfinite: bool = True) -> None:
-        max_norm = float(max_norm)
-        if not max_norm > 0:
-            raise ValueError(f"ClipGradNorm: max_norm must be > 0, got {max_norm!r}")
-        self.max_norm = max_norm
-        self.per_param = bool(per_param)
-        self.error_if_nonfinite = bool(error_if_nonfinite)
+        if isinstance(max_norm, bool) or not isinstance(max_norm, Real) or not math.isfinite(max_norm) or not max_norm > 0:
+            raise ValueError(f"ClipGradNorm: max_norm must be a finite number > 0, got {max_norm!r}")
+        for name, v in (("per_param", per_param), ("error_if_nonfinite", error_if_nonfinite)):
+            if not isinstance(v, bool):
+                raise ValueError(f"ClipGradNorm: {name} must be a bool, got {v!r}")
+        self.max_norm = float(max_norm)
+        self.per_param = per_param
+        self.error_if_nonfinite = error_if_nonfinite
 
     def update(self, grads: Grads, state, ctx: HookContext):
         sq = grad_sqnorms(grads, ctx)
+        # What is actually clipped (after accumulation, if any): the wrapper reports it.
+        ctx.stats.setdefault("grad_norm_before_clip", float(total_norm(sq)))
         groups = [[k] for k in grads] if self.per_param else [list(grads)]
         out = dict(grads)
         for names in groups:
@@ -39,5 +46,5 @@ class ClipGradNorm(GradHook):
             if coef < 1.0:
                 for k in names:
                     g = out[k]
-                    out[k] = g.scale(coef) if hasattr(g, "scale") else g * coef
+                    out[k] = g * coef
         return out, state

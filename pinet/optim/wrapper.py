@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..hooks import GradHook, HookContext, default_hooks
-from ..state import PiRows, PiState
+from ..hooks import GradHook, HookContext, chain, check_grads, default_hooks, grad_sqnorms, total_norm
+from ..rows import PiRows
 
-__all__ = ["PiOptimizerWrapper", "LINEAR_OPTIMIZERS", "is_linear_optimizer"]
+__all__ = ["PiOptimizerWrapper", "StepStats", "LINEAR_OPTIMIZERS", "is_linear_optimizer"]
 
 #: Optimizers whose update is a fixed linear function of the gradient history and the parameters,
 #: so that running them on π-coefficients with the indicator gradient is the infinite-width update
@@ -30,33 +32,76 @@ def is_linear_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer) in LINEAR_OPTIMIZERS
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What the last :meth:`PiOptimizerWrapper.step` did (``wrapper.stats``).
+
+    Attributes:
+        applied: whether the inner optimizer stepped (``False`` when :class:`~pinet.hooks.Accumulate`
+            stashed a micro-batch).
+        grad_norm: total norm of the gradient that was applied, before clipping: what the first
+            :class:`~pinet.hooks.ClipGradNorm` saw (after accumulation, when ``Accumulate`` comes
+            first), or the applied gradient's norm without clipping. ``None`` when not applied.
+        clipped_grad_norm: total norm of the gradient the inner optimizer received (after every
+            hook). ``None`` when not applied.
+        micro_batch_grad_norm: norm of this call's own gradients (before accumulation/clipping).
+        rows_appended: rows appended to each :class:`~pinet.state.PiState`, by name.
+    """
+
+    applied: bool = False
+    grad_norm: float | None = None
+    clipped_grad_norm: float | None = None
+    micro_batch_grad_norm: float | None = None
+    rows_appended: dict = field(default_factory=dict)
+
+
 class PiOptimizerWrapper(torch.optim.Optimizer):
     """Wrap a built ``torch.optim`` optimizer over ``model.parameters()`` for π-nets.
 
-    ``step()`` runs the gradient hooks in order (the defaults ``Concatenate``, ``ProjectToR``,
-    ``GradNorm``, then ``hooks``), commits the result (appends π-rows to each
+    ``step()`` runs the gradient hooks as one :func:`~pinet.hooks.chain` (the defaults
+    ``Concatenate``, ``ProjectToR``, ``GradNorm``, then ``hooks``), checks what it returned
+    (names, shapes, dtypes, finiteness), commits the result (appends π-rows to each
     :class:`~pinet.state.PiState`, sets ``c.grad`` to the indicator of the new rows, grows the
-    inner optimizer's per-parameter state with zeros) and then steps the inner optimizer. If a hook
-    raises (e.g. a non-finite gradient norm) nothing is changed.
+    inner optimizer's per-parameter state with zeros) and steps the inner optimizer. The step is
+    all-or-nothing: if a hook, a check or the inner optimizer raises, every row count, parameter,
+    gradient, optimizer state and hook state is as before the call. ``stats`` (:class:`StepStats`)
+    says what the last step did.
 
     ``param_groups`` and ``state`` are the inner optimizer's own objects, so LR schedulers accept the
     wrapper and change the inner learning rates; ``state_dict()`` holds the inner state plus the
-    hooks' state.
+    hooks' settings and state.
 
     Args:
         optimizer: the inner optimizer. Must be linear in the gradient (see
             :func:`is_linear_optimizer`) if it holds coefficients of infinite layers.
         model: the module whose parameters ``optimizer`` holds.
-        hooks: extra :class:`~pinet.hooks.GradHook` s, run after the defaults in this order.
+        hooks: a list of extra :class:`~pinet.hooks.GradHook` s, run after the defaults in this order.
+        atomic: copy the parameters being stepped and their optimizer state before the inner
+            ``step()`` so that an inner optimizer that raises half-way is undone too (default). With
+            ``False`` a failed inner step still restores rows, gradients, state shapes and hook
+            states, but not values the inner optimizer already wrote (saves one copy of the stepped
+            parameters per step; worth it for very wide finite nets).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, hooks: Iterable[GradHook] = ()) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module, hooks: Iterable[GradHook] = (), *, atomic: bool = True
+    ) -> None:
+        if not isinstance(atomic, bool):
+            raise TypeError(f"PiOptimizerWrapper: atomic must be a bool, got {atomic!r}")
+        self.atomic = atomic
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"PiOptimizerWrapper: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, PiOptimizerWrapper):
             raise TypeError("PiOptimizerWrapper: optimizer is already wrapped")
         if not isinstance(model, nn.Module):
             raise TypeError(f"PiOptimizerWrapper: model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(hooks, GradHook):
+            raise TypeError(
+                f"PiOptimizerWrapper: hooks must be a list of GradHook, got a single {type(hooks).__name__}; "
+                f"pass hooks=[{type(hooks).__name__}(...)]"
+            )
+        if isinstance(hooks, (str, bytes, dict)) or not isinstance(hooks, Iterable):
+            raise TypeError(f"PiOptimizerWrapper: hooks must be a list of GradHook, got {type(hooks).__name__}")
         hooks = list(hooks)
         for h in hooks:
             if not isinstance(h, GradHook):
@@ -66,6 +111,7 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
         self.hooks: list[GradHook] = default_hooks() + hooks
         self.ctx = HookContext.from_model(model)
         self._check_coefficients()
+        _check_hyperparameters(optimizer.param_groups)
         # Optimizer.__init__ installs the step pre/post hook machinery; the groups and state are
         # then replaced by the inner optimizer's own objects so that both always agree.
         super().__init__([dict(g) for g in optimizer.param_groups], optimizer.defaults)
@@ -73,6 +119,7 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
         self.state = optimizer.state
         self.defaults = optimizer.defaults
         self.hook_states = [h.init(self.ctx) for h in self.hooks]
+        self.stats = StepStats()
         self._wrapped = True
 
     # ------------------------------------------------------------------ checks
@@ -99,43 +146,77 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
                 "torch.optim.SGD, or set `linear_in_grad = True` on a custom optimizer class that is linear."
             )
 
+    def _check_captured(self) -> None:
+        # A coefficient gradient that did not come from row capture means the layer computed with
+        # `state.c` itself (not through pinet.layers.pi_product): SGD on it is not the π-update.
+        for name, st in self.ctx.pi_states.items():
+            g = st.c.grad
+            if g is not None and not st._pending_valid() and bool(g.any()):
+                raise RuntimeError(
+                    f"PiOptimizerWrapper.step: the coefficients {_join(name, 'c')!r} have a gradient but no "
+                    "captured π-rows. Either the layer that owns this PiState computes with state.c directly "
+                    "(compute through pinet.layers.pi_product(state, g), or subclass pinet.InfPiLayer: it "
+                    "uses c detached and captures the rows), or step() is called again without a new "
+                    "backward() (rows are consumed by the step that applies them). The step was not applied"
+                )
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
         """Run the hooks, commit π-rows and gradients, then step the inner optimizer.
 
-        Returns the closure's loss (if any). A ``step()`` consumed by :class:`~pinet.hooks.Accumulate`
-        stashes the gradients, clears them and returns without updating.
+        Returns the closure's loss (if any); a non-finite loss raises ``FloatingPointError`` before
+        anything is applied. A ``step()`` consumed by :class:`~pinet.hooks.Accumulate` stashes the
+        gradients, clears them and returns without updating. If anything raises, the model, the
+        inner optimizer and the hooks are exactly as before the call.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if isinstance(loss, Tensor) and loss.is_floating_point() and not bool(torch.isfinite(loss).all()):
+                raise FloatingPointError(f"PiOptimizerWrapper.step: the closure returned a non-finite loss ({loss}); the step was not applied")
+            if isinstance(loss, float) and not math.isfinite(loss):
+                raise FloatingPointError(f"PiOptimizerWrapper.step: the closure returned a non-finite loss ({loss}); the step was not applied")
+        _check_hyperparameters(self.optimizer.param_groups)
+        self._check_captured()
         ctx = self.ctx
         ctx.stats = {}
         ctx.cache = {}
         grads = {name: p.grad for name, p in ctx.params.items() if p.grad is not None}
-        states = list(self.hook_states)
         try:
-            for i, hook in enumerate(self.hooks):
-                grads, states[i] = hook.update(grads, states[i], ctx)
-                if grads is None:
-                    break
+            grads, states = chain(*self.hooks).update(grads, tuple(self.hook_states), ctx)
+            micro = ctx.stats.get("grad_norm")
+            if grads is None:
+                self.hook_states = list(states)
+                self._consume_grads()
+                self.stats = StepStats(applied=False, micro_batch_grad_norm=micro)
+                return loss
+            total = total_norm(grad_sqnorms(grads, ctx))
+            if not torch.isfinite(total):
+                sq = grad_sqnorms(grads, ctx)
+                bad = [k for k, v in sq.items() if not torch.isfinite(v)]
+                raise FloatingPointError(
+                    f"PiOptimizerWrapper.step: the hooks returned non-finite gradients for {bad}; the step "
+                    "was not applied and nothing changed"
+                )
+            before_clip = ctx.stats.get("grad_norm_before_clip", float(total))
         finally:
             ctx.cache = {}  # memoised values hold gradients; do not keep them past the hooks
-        self.hook_states = states
-        if grads is None:
-            self._consume_grads()
-            return loss
-        grown = self._commit(grads)
+        snapshot = _Snapshot(self, grads) if self.atomic else _Snapshot(self, {})
         try:
+            appended = self._commit(grads)
             self.optimizer.step()
         except BaseException:
-            for st, rows in grown:
-                st.truncate(rows)
+            snapshot.restore()
             raise
+        self.hook_states = list(states)
         for st in ctx.pi_states.values():
             st.clear_pending()
+        self.stats = StepStats(
+            applied=True, grad_norm=before_clip, clipped_grad_norm=float(total),
+            micro_batch_grad_norm=micro, rows_appended=appended,
+        )  # fmt: skip
         return loss
 
     def _consume_grads(self) -> None:
@@ -144,9 +225,9 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
         for st in self.ctx.pi_states.values():
             st.clear_pending()
 
-    def _commit(self, grads) -> list[tuple[PiState, int]]:
+    def _commit(self, grads) -> dict[str, int]:
         ctx = self.ctx
-        grown = []
+        appended = {}
         for name, g in grads.items():
             if isinstance(g, PiRows):
                 continue
@@ -156,16 +237,16 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
                 continue
             st = ctx.pi_states[name]
             old = st.rows
-            c_old_grad = grads.get(name + ".c") if name else grads.get("c")
+            c_old_grad = grads.get(_join(name, "c"))
             st.append(rows.A, rows.B)
-            grown.append((st, old))
+            appended[name] = rows.rows
             g = torch.zeros_like(st.c)
             if c_old_grad is not None:
                 g[:old] = c_old_grad
             g[old:] = rows.coef.to(g.dtype)
             st.c.grad = g
             self._grow_state(st.c, old)
-        return grown
+        return appended
 
     def _grow_state(self, param: Tensor, old: int) -> None:
         """Zero-pad the inner optimizer's per-parameter tensors of ``param`` from ``old`` to M rows."""
@@ -185,42 +266,173 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
             st.clear_pending()
 
     def add_param_group(self, param_group: dict) -> None:
-        """Add a group to the inner optimizer (shared ``param_groups``)."""
+        """Add a group to the inner optimizer (shared ``param_groups``); a group that fails the
+        checks (a tensor that is not a model parameter, a non-finite hyperparameter) is not added."""
         if not getattr(self, "_wrapped", False):  # called by Optimizer.__init__
             return super().add_param_group(param_group)
         self.optimizer.add_param_group(param_group)
-        self.ctx = HookContext.from_model(self.model)
-        self._check_coefficients()
+        try:
+            ctx = HookContext.from_model(self.model)
+            self._check_coefficients()
+            _check_hyperparameters(self.optimizer.param_groups[-1:])
+        except BaseException:
+            added = self.optimizer.param_groups.pop()
+            for p in added["params"]:
+                self.optimizer.state.pop(p, None)
+            raise
+        self.ctx = ctx
 
     def state_dict(self) -> dict:
-        """``{"optimizer": inner state dict, "hooks": [hook states]}`` (views compacted)."""
+        """``{"optimizer": inner state dict, "hooks": [{"type", "config", "state"}]}`` (views compacted)."""
         inner = self.optimizer.state_dict()
         inner["state"] = {
             k: {n: _compact(v) if isinstance(v, Tensor) else v for n, v in s.items()}
             for k, s in inner["state"].items()
         }
         hooks = [
-            {"type": type(h).__name__, "state": h.state_to_dict(s)} for h, s in zip(self.hooks, self.hook_states)
+            {"type": type(h).__name__, "config": h.config(), "state": h.state_to_dict(s)}
+            for h, s in zip(self.hooks, self.hook_states)
         ]
         return {"optimizer": inner, "hooks": hooks}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load what :meth:`state_dict` returned. Load the model's state first (π-rows)."""
+        """Load what :meth:`state_dict` returned, after checking it against the model and the hooks.
+
+        Load the model's state first: per-row optimizer state (momentum buffers of π-coefficients)
+        must have the model's current row counts, and the hooks' types and settings must match this
+        wrapper's. A mismatch raises ``ValueError`` (saying what to load first) and changes nothing.
+        """
+        where = "PiOptimizerWrapper.load_state_dict"
         if not isinstance(state_dict, dict) or "optimizer" not in state_dict or "hooks" not in state_dict:
-            raise ValueError("PiOptimizerWrapper.load_state_dict: expected a dict with keys 'optimizer' and 'hooks'")
+            raise ValueError(f"{where}: expected a dict with keys 'optimizer' and 'hooks'")
         hooks = state_dict["hooks"]
-        types = [h["type"] for h in hooks]
+        types = [h.get("type") if isinstance(h, dict) else None for h in hooks]
         mine = [type(h).__name__ for h in self.hooks]
         if types != mine:
-            raise ValueError(f"PiOptimizerWrapper.load_state_dict: saved hooks {types} differ from this wrapper's {mine}")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+            raise ValueError(f"{where}: saved hooks {types} differ from this wrapper's {mine}")
+        for h, saved in zip(self.hooks, hooks):
+            if "config" in saved and saved["config"] != h.config():
+                diff = {k: (saved["config"].get(k), v) for k, v in h.config().items() if saved["config"].get(k) != v}
+                raise ValueError(
+                    f"{where}: hook {type(h).__name__} was saved with other settings "
+                    + ", ".join(f"{k}: saved {a!r} vs this {b!r}" for k, (a, b) in diff.items())
+                    + "; build the wrapper with the hooks of the checkpoint"
+                )
+        inner = state_dict["optimizer"]
+        self._check_inner_state(inner, where)
+        hook_states = [h.state_from_dict(s["state"], self.ctx) for h, s in zip(self.hooks, hooks)]
+        for h, st in zip(self.hooks, hook_states):
+            stash = st.get("grads") if isinstance(st, dict) else None
+            if stash:
+                check_grads(stash, self.ctx, where=f"{where}: {type(h).__name__} state")
+                for name, g in stash.items():
+                    if isinstance(g, Tensor) and g.shape != self.ctx.params[name].shape:
+                        raise ValueError(f"{where}: stashed gradient of {name!r} does not match the model")
+        self.optimizer.load_state_dict(inner)
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
-        self.hook_states = [h.state_from_dict(s["state"], self.ctx) for h, s in zip(self.hooks, hooks)]
+        self.hook_states = hook_states
+
+    def _check_inner_state(self, inner: dict, where: str) -> None:
+        if not isinstance(inner, dict) or "state" not in inner or "param_groups" not in inner:
+            raise ValueError(f"{where}: 'optimizer' must be an optimizer state dict (keys 'state', 'param_groups')")
+        groups = self.optimizer.param_groups
+        saved_groups = inner["param_groups"]
+        if len(saved_groups) != len(groups) or any(
+            len(sg.get("params", ())) != len(g["params"]) for sg, g in zip(saved_groups, groups)
+        ):
+            raise ValueError(
+                f"{where}: the saved optimizer has {[len(g.get('params', ())) for g in saved_groups]} parameters "
+                f"per group, this one {[len(g['params']) for g in groups]}"
+            )
+        _check_hyperparameters(saved_groups, where=where)
+        names = {id(p): n for n, p in self.ctx.params.items()}
+        index = {}
+        for sg, g in zip(saved_groups, groups):
+            index.update(zip(sg["params"], g["params"]))
+        for idx, st in inner["state"].items():
+            p = index.get(idx)
+            if p is None:
+                raise ValueError(f"{where}: optimizer state for unknown parameter index {idx!r}")
+            for key, v in st.items():
+                if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    name = names.get(id(p), f"#{idx}")
+                    raise ValueError(
+                        f"{where}: state {key!r} of {name!r} has shape {tuple(v.shape)} but the parameter has "
+                        f"{tuple(p.shape)} (π-coefficients: rows of another step); load the model's "
+                        "state_dict from the same checkpoint first, then the optimizer's"
+                    )
 
     def __repr__(self) -> str:
         hooks = ", ".join(repr(h) for h in self.hooks)
         return f"PiOptimizerWrapper(\n  optimizer={self.optimizer!r},\n  hooks=[{hooks}]\n)"
+
+
+class _Snapshot:
+    """What a step may change, taken before it is committed, so a failure can undo it: row counts,
+    ``.grad`` references, and copies of the parameters that have a gradient and of their optimizer
+    state (the inner ``step`` writes both in place). O(parameters), never the π-rows themselves:
+    rows are only appended, so truncating undoes them."""
+
+    def __init__(self, wrapper: PiOptimizerWrapper, grads: dict) -> None:
+        # `grads`: what is about to be committed; only those parameters can be stepped.
+        self.wrapper = wrapper
+        ctx = wrapper.ctx
+        self.rows = {name: st.rows for name, st in ctx.pi_states.items()}
+        self.grads = {name: p.grad for name, p in ctx.params.items()}
+        state = wrapper.optimizer.state
+        self.had_state = set(state.keys())
+        self.values = {}
+        self.opt_state = {}
+        for key, g in grads.items():
+            name = _join(key, "c") if isinstance(g, PiRows) else key
+            p = ctx.params[name]
+            self.values[name] = p.detach().clone()
+            if p in state:
+                self.opt_state[p] = {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state[p].items()}
+        # Without copies (atomic=False) a failed inner step still gets its rows, gradients and
+        # per-row state shapes back (the tensors the state held before the step).
+        self.shapes = {p: dict(st) for p, st in state.items() if p not in self.opt_state}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        w = self.wrapper
+        ctx = w.ctx
+        for name, st in ctx.pi_states.items():
+            st.truncate(self.rows[name])
+        for name, p in ctx.params.items():
+            saved = self.values.get(name)
+            if saved is not None:
+                p.copy_(saved)
+            p.grad = self.grads[name]
+        state = w.optimizer.state
+        for p in list(state.keys()):
+            if p not in self.had_state:
+                del state[p]
+        for p, st in self.opt_state.items():
+            state[p] = st
+        for p, st in self.shapes.items():
+            if p in state:
+                state[p].clear()
+                state[p].update(st)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_hyperparameters(groups, where: str = "PiOptimizerWrapper") -> None:
+    # A NaN or inf learning rate, momentum or decay turns the whole net into NaN in one step.
+    for i, g in enumerate(groups):
+        for key in ("lr", "momentum", "dampening", "weight_decay"):
+            v = g.get(key)
+            if v is None:
+                continue
+            val = float(v) if isinstance(v, Tensor) and v.numel() == 1 else v
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+                name = g.get("name")
+                label = f"group {i}" + (f" ({name!r})" if name else "")
+                raise ValueError(f"{where}: {label} has {key}={v!r}; expected a finite number")
 
 
 def _compact(t: Tensor) -> Tensor:
