@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import math
 import os
 import random
@@ -56,6 +57,7 @@ __all__ = [
     "plot_history",
     "write_csv",
     "cli",
+    "atomic_write",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -506,15 +508,18 @@ def write_csv(history: list[dict], path: str) -> None:
     n_layers = max((len(r.get("rows", [])) for r in history), default=0)
     fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "grad_norm"]
     fields += [f"M_layer{i + 1}" for i in range(n_layers)] + ["epoch_time", "elapsed"]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+    def write(f) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        w = csv.DictWriter(text, fieldnames=fields)
         w.writeheader()
         for r in history:
             out = {k: r[k] for k in fields if k in r}
             out.update({f"M_layer{i + 1}": m for i, m in enumerate(r.get("rows", []))})
             w.writerow(out)
-    os.replace(tmp, path)
+        text.flush()
+        text.detach()  # leave the binary file open for the fsync
+
+    atomic_write(path, write)
 
 
 def plot_history(history: list[dict], path: str, title: str = "") -> None:
@@ -551,18 +556,90 @@ def plot_history(history: list[dict], path: str, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------- checkpoints
-def _save(obj, path: str) -> None:
-    # Write then rename: an interrupted save never leaves a truncated checkpoint behind.
+def _fsync_dir(path: str) -> None:
+    # The rename is durable only once the directory entry is on disk (POSIX; Windows has no
+    # directory handles to sync, and there os.replace is already durable per file).
+    if os.name != "posix":
+        return
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Write ``path`` atomically and durably: ``write(f)`` fills ``path + ".tmp"`` (binary file
+    ``f``), which is fsynced, renamed over ``path``, and the directory fsynced. A stale temp file
+    from an interrupted run is replaced; on any error the temp file is removed and ``path`` is
+    untouched (the old file, or none)."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(path)
+
+
+def _save(obj, path: str) -> None:
+    # Write, fsync, rename, fsync the directory: an interrupted save (or a power loss) never leaves a
+    # truncated checkpoint behind, and a finished one survives.
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# What a checkpoint.pt must hold for an exact resume, checked before anything is loaded.
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "history", "epoch")
+_RNG_KEYS = ("torch", "data", "python")
+
+
+def _check_checkpoint(checkpoint: dict, where: str) -> None:
+    missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        raise CLIError(f"{where} has no {', '.join(repr(k) for k in missing)} entry: it cannot be resumed exactly "
+                       "(a checkpoint.pt written by this program holds the model, optimizer, scheduler, RNG "
+                       "states, history and epoch)")  # fmt: skip
+    rng = checkpoint["rng"]
+    if not isinstance(rng, dict) or any(k not in rng for k in _RNG_KEYS):
+        have = sorted(rng) if isinstance(rng, dict) else type(rng).__name__
+        raise CLIError(f"{where}: its RNG state ('rng') must hold {', '.join(_RNG_KEYS)}, got {have}; "
+                       "without it the data order and dropout of a resumed run would differ")  # fmt: skip
+    for k in ("torch", "data"):
+        if not isinstance(rng[k], Tensor) or rng[k].dtype != torch.uint8:
+            raise CLIError(f"{where}: rng[{k!r}] must be a uint8 tensor (a torch generator state)")
+    epoch = checkpoint["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise CLIError(f"{where}: 'epoch' must be a non-negative int, got {epoch!r}")
+    if not isinstance(checkpoint["history"], list):
+        raise CLIError(f"{where}: 'history' must be a list, got {type(checkpoint['history']).__name__}")
+
+
+def _prepare_save_dir(save_dir: str) -> None:
+    """Create ``save_dir`` (a :class:`CLIError` if it is a file or cannot be created) and remove the
+    temp files an interrupted run may have left."""
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise CLIError(f"--save-dir {save_dir} is an existing file, not a directory")
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--save-dir {save_dir}: cannot create the directory ({e.strerror or e})") from None
+    for name in ("checkpoint.pt", "model.pt", "log.csv", "curves.png"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(save_dir, name + ".tmp"))
 
 
 def _load(path: str, what: str) -> dict:
@@ -586,19 +663,8 @@ def load_model_file(path: str, device=None) -> nn.Module:
     if not isinstance(extra, dict) or "depth" not in extra:
         raise CLIError(f"{path} is not a pinet π-MLP state dict (no '_extra_state' with the structure)")
     try:
-        if "width" in extra:
-            first = sd["layers.0._extra_state"]
-            last = sd[f"layers.{extra['depth'] + 1}._extra_state"]
-            net = pinet.FinPiMLP(
-                extra["d_in"], extra["d_out"], extra["r"], extra["depth"], extra["width"],
-                first_layer_alpha=first["alpha"], last_layer_alpha=last["alpha"],
-                bias_alpha=first["bias_alpha"], last_bias_alpha=last["bias_alpha"],
-                layernorm=last["layernorm"], device=device,
-                dtype=sd["layers.0.weight"].dtype,
-            )  # fmt: skip
-            net.load_state_dict(sd)
-        else:
-            net = pinet.InfPiMLP.from_state_dict(sd, device=device)
+        kind = pinet.FinPiMLP if "width" in extra else pinet.InfPiMLP
+        net = kind.from_state_dict(sd, device=device)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CLIError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
     return net
@@ -693,15 +759,21 @@ def fit(
     data_gen = torch.Generator().manual_seed(args.seed + 1)  # data order: its own stream
     history: list[dict] = []
     start = 0
+    if args.save_dir:
+        _prepare_save_dir(args.save_dir)
     if checkpoint is not None:
+        _check_checkpoint(checkpoint, "the checkpoint")
         try:
             model.load_state_dict(checkpoint["model"])
             opt.load_state_dict(checkpoint["optimizer"])
             if sched is not None:
                 sched.load_state_dict(checkpoint["scheduler"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise CLIError(f"cannot restore the checkpoint: {str(e).splitlines()[0]}") from None
-        _set_rng_state(checkpoint["rng"], data_gen)
+            _set_rng_state(checkpoint["rng"], data_gen)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            lines = str(e).splitlines()
+            # pinet's load errors put the problems on the lines after the header: show the first.
+            detail = lines[0] + (" " + lines[1].strip() if len(lines) > 1 and "nothing was loaded" in lines[0] else "")
+            raise CLIError(f"cannot restore the checkpoint: {detail}") from None
         history = list(checkpoint["history"])
         start = int(checkpoint["epoch"])
     else:
@@ -709,8 +781,6 @@ def fit(
         random.seed(args.seed)
 
     save_dir = args.save_dir
-    if save_dir:
-        os.makedirs(save_dir, exist_ok=True)
     say = (lambda *a: None) if quiet else print
     say(f"{kind}: r={args.r}, depth={args.depth} hidden π-layer(s), {data.name}: {data.n_train} train / "
         f"{data.n_test} test, {data.d_in} features, {data.d_out} classes, {compute}"
@@ -816,7 +886,10 @@ def cli(
             if checkpoint.get("format") != CHECKPOINT_FORMAT or "args" not in checkpoint:
                 raise CLIError(f"{args.resume} is not a checkpoint.pt written by this program "
                                "(model files are evaluated with --test --model-path)")
+            _check_checkpoint(checkpoint, args.resume)
             args = _merge_resume_args(parser, args, checkpoint["args"])
+        if args.save_dir and os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+            raise CLIError(f"--save-dir {args.save_dir} is an existing file, not a directory")
         device = resolve_device(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)

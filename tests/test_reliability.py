@@ -334,3 +334,73 @@ def test_hidden_bias_alpha_survives_save_and_load():
     assert net.layers[0].bias is None and net.layers[1].bias is not None and net.hidden_bias_alpha == 1.0
     again = InfPiMLP.from_state_dict(net.state_dict())
     assert again.multipliers() == net.multipliers()
+
+
+# ------------------------------------------------------------------------------ the training CLI
+TINY = "--train-subset 48 --test-subset 24 --r 8 --batch-size 16 --epochs 1 --no-progress".split()
+
+
+def _cli_error(capsys, argv) -> str:
+    from experiments import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_save_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("not a directory")
+    err = _cli_error(capsys, TINY + ["--save-dir", str(f)])
+    assert "--save-dir" in err and "existing file" in err
+    assert f.read_text() == "not a directory"
+
+
+def test_checkpoint_without_rng_state_is_a_one_line_error(tmp_path, capsys):
+    from experiments import train
+
+    train.main(TINY + ["--save-dir", str(tmp_path / "run")])
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for name, edit, expect in [
+        ("no_rng", lambda c: c.pop("rng"), "'rng'"),
+        ("bad_rng", lambda c: c["rng"].pop("data"), "RNG state ('rng')"),
+        ("no_history", lambda c: c.pop("history"), "'history'"),
+        ("bad_model", lambda c: c["model"].pop("layers.2.state.B"), "layers.2.state.B"),
+    ]:
+        bad = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ckpt.items()}
+        edit(bad)
+        path = tmp_path / f"{name}.pt"
+        torch.save(bad, path)
+        err = _cli_error(capsys, ["--resume", str(path), "--epochs", "2", "--no-progress"])
+        assert expect in err, err
+
+
+def test_checkpoint_writes_are_durable_and_clean_up(tmp_path, monkeypatch):
+    from experiments import common, train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint from a crash")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    train.main(TINY + ["--save-dir", str(out)])
+    assert not (out / "checkpoint.pt.tmp").exists() and sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt", "curves.png", "log.csv"]  # fmt: skip
+    if os.path.isdir("/proc/self/fd"):  # Linux: check what was synced, by path
+        assert str(out / "checkpoint.pt.tmp") in synced  # the file, before its rename
+        assert str(out) in synced  # and the directory holding the new name
+    # a write that fails leaves the previous file and no temp file
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def broken(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        common._save({"x": 1}, str(out / "checkpoint.pt"))
+    assert (out / "checkpoint.pt").read_bytes() == before and not (out / "checkpoint.pt.tmp").exists()
