@@ -477,3 +477,24 @@ def test_missing_data_and_refused_flags_are_one_line_errors(tiny_data, capsys):
     assert "after --epochs 2" in err_of(["--transfer", "--transfer-milestones", "5", "--epochs", "2"], usage=True)
     assert "only used with --transfer" in err_of(["--transfer-milestones", "0"], usage=True)
     assert "--width" in err_of(["--width", "0"], usage=True)
+
+
+# ------------------------------------------------------------------------------ the embedded demo
+def test_transfer_demo_table(tmp_path, capsys):
+    from experiments import transfer_demo
+
+    out = tmp_path / "demo.md"
+    table = transfer_demo.main(("--seeds 2 --epochs 1 --r 16 --widths 32,64 --trained-width 32 --mlp-width 32 "
+                                "--no-progress --out").split() + [str(out)])  # fmt: skip
+    assert out.read_text() == table and table in capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    methods = [line.split("|")[1].strip() for line in lines]
+    assert methods == ["π-limit, pretrained", "π-limit, untrained (same init)",
+                       "finite π-net sampled from the pretrained π-limit",
+                       "finite π-net sampled from the pretrained π-limit", "finite π-net, pretrained",
+                       "μP MLP, pretrained (no projection)", "NNGP kernel", "NTK kernel"]  # fmt: skip
+    for line in lines:
+        for cell in line.split("|")[3:5]:
+            mean, std = cell.split("±")
+            # Five target classes: chance is 20%; every kernel here is far above it.
+            assert 40 <= float(mean) <= 100 and float(std) >= 0, line
