@@ -391,8 +391,9 @@ def test_checkpoint_writes_are_durable_and_clean_up(tmp_path, monkeypatch):
     assert not (out / "checkpoint.pt.tmp").exists() and sorted(p.name for p in out.iterdir()) == [
         "checkpoint.pt", "curves.png", "log.csv"]  # fmt: skip
     if os.path.isdir("/proc/self/fd"):  # Linux: check what was synced, by path
-        assert str(out / "checkpoint.pt.tmp") in synced  # the file, before its rename
-        assert str(out) in synced  # and the directory holding the new name
+        real = os.path.realpath(out)
+        assert os.path.join(real, "checkpoint.pt.tmp") in synced  # the file, before its rename
+        assert real in synced  # and the directory holding the new name
     # a write that fails leaves the previous file and no temp file
     before = (out / "checkpoint.pt").read_bytes()
 
