@@ -5,8 +5,8 @@
 
 For every seed, one infinite net is trained, and for every width ``--omegas`` finite nets sampled
 from it before training are trained on the same batches with the same wrapped optimizer (the
-harness of the equivalence tests, ``tests/equivalence/helpers.py``; configurations by name from
-its ``RATE_CONFIGS``). Writes ``<out>/<name>.png``: the loss curves of the first seed (infinite
+harness of the equivalence tests, :mod:`pinet.testing`; configurations by name from its
+``RATE_CONFIGS``). Writes ``<out>/<name>.png``: the loss curves of the first seed (infinite
 dashed, finite per width) and the error against width with an n^-1/2 line; and
 ``<out>/<name>.md`` / ``<out>/<name>.csv``: the error table (relative errors of held-out outputs
 after training, of the loss curve and of the gradient-norm curve; mean, geometric mean and
@@ -18,17 +18,12 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-try:
-    from tests.equivalence import helpers as H
-except ImportError:  # run from elsewhere: the harness lives in the repository's tests/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.equivalence import helpers as H
+from pinet import testing as H
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -204,24 +199,21 @@ def all_configs(widths: list[int], seeds: int, out: Path, name: str, progress: b
 def calibrate(examples: int, out: Path, name: str, progress: bool = True) -> Path:
     """Measure the statistics the property and trained-sampling tests bound, on more cases than the
     tests run: ``examples`` configurations drawn (derandomized) from the property tests' strategy at
-    depths 0-2, the deliberately broken optimizers of ``test_properties.MUTATIONS``, and the
+    depths 0-2, the deliberately broken optimizers of ``pinet.testing.BROKEN_OPTIMIZERS``, and the
     trained-sampling configurations. Writes ``<out>/<name>_calibration.md``."""
     from hypothesis import HealthCheck, assume, given, settings
     from hypothesis import strategies as st
     from tqdm import tqdm
 
-    from tests.equivalence import test_properties as TP
-    from tests.equivalence import test_trained_sampling as TS
-
     width, omegas = 2048, 3
-    bar = tqdm(total=examples + 2 * len(TP.MUTATIONS) + len(TS.CONFIGS), disable=not progress, unit="case")
+    bar = tqdm(total=examples + 2 * len(H.BROKEN_OPTIMIZERS) + len(H.TRAINED_SAMPLING_CONFIGS), disable=not progress, unit="case")
     drawn: list[tuple[H.TrainConfig, H.Tracking]] = []
 
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(cfg=TP.configs(depths=(0, 1, 2)), seed=st.integers(0, 2**16))
+    @given(cfg=H.optimizer_configs(depths=(0, 1, 2)), seed=st.integers(0, 2**16))
     def probe(cfg, seed):
-        assume(TP._stable(cfg, seed))
+        assume(H.stable(cfg, seed))
         drawn.append((cfg, H.measure_tracking(cfg, seed, width, omegas)))
         bar.update()
 
@@ -238,13 +230,13 @@ def calibrate(examples: int, out: Path, name: str, progress: bool = True) -> Pat
         "# Equivalence suite: where the bounds come from",
         "",
         f"Written by `python -m experiments.equivalence --calibrate {examples}` (float64, CPU). "
-        "Statistics as in `tests/equivalence/helpers.py` (`Tracking`): *amplification* = error of the "
+        "Statistics as in `pinet.testing` (`Tracking`): *amplification* = error of the "
         "trained finite nets / static n^-1/2 fluctuation of the trained infinite net; *ratio* = error / "
         f"spread of the {omegas} finite nets. Width {width}.",
         "",
         f"## Property tests: {len(drawn)} configurations drawn at depths 0-2",
         "",
-        f"Bounds in `test_properties.py`: amplification <= {TP.MAX_AMPLIFICATION}, ratio <= {TP.MAX_RATIO}.",
+        f"Bounds in `pinet.testing` (used by `tests/equivalence/test_properties.py`): amplification <= {H.MAX_AMPLIFICATION}, ratio <= {H.MAX_RATIO}.",
         "",
         "| statistic | median | 90% | max |",
         "|---|---:|---:|---:|",
@@ -259,7 +251,7 @@ def calibrate(examples: int, out: Path, name: str, progress: bool = True) -> Pat
         "|---|---:|---:|---:|---:|",
     ]
     bar.set_description("mutations")
-    for mname, (cfg, broken) in TP.MUTATIONS.items():
+    for mname, (cfg, broken) in H.BROKEN_OPTIMIZERS.items():
         ok = H.measure_tracking(cfg, 0, width, omegas)
         bar.update()
         bad = H.measure_tracking(cfg, 0, width, omegas, **broken)
@@ -272,13 +264,13 @@ def calibrate(examples: int, out: Path, name: str, progress: bool = True) -> Pat
         "## Trained sampling (no training after sampling)",
         "",
         f"Geometric mean over {H.profile().sampling_omegas} Ω draws of the relative output error; bounds in "
-        f"`test_trained_sampling.py`: slope in {TS.SLOPE_RANGE}, error at 4096 <= {TS.MAX_ERROR_4096}.",
+        f"`pinet.testing` (used by `test_trained_sampling.py`): slope in {H.SLOPE_RANGE}, error at 4096 <= {H.MAX_ERROR_4096}.",
         "",
         "| configuration | widths | errors | slope |",
         "|---|---|---|---:|",
     ]
     bar.set_description("trained sampling")
-    for cname, cfg in TS.CONFIGS.items():
+    for cname, cfg in H.TRAINED_SAMPLING_CONFIGS.items():
         _, traj, task = H.train_infinite(cfg, seed=3, keep_model=True)
         widths = H.profile().widths(cfg.depth)
         means = H.sampled_errors(traj.model, task.X_test, widths, 3, H.profile().sampling_omegas)

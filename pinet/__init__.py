@@ -8,11 +8,14 @@ CUDA) in :mod:`pinet.kernels`.
 """
 
 from . import baselines, compat, functional, hooks, kernels, native, optim
-from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer
+from .layers import FinPiInput, FinPiLayer, FinPiModule, InfPiInput, InfPiLayer, InfPiModule, pi_product
 from .models import FinPiMLP, InfPiMLP
 from .checkpoint import StateDictError, check_state_dict, load_state_dict
 from .features import feature_kernel
-from .state import FinPiState, PiRows, PiState
+from .rows import PiRows
+from .sampling import MixedSpacesError, sample, trace
+from .state import FinPiState, PiState
+from . import testing  # noqa: E402  (needs the names above)
 
 __version__ = "0.1.0"
 
@@ -31,6 +34,13 @@ __all__ = [
     "InfPiLayer",
     "FinPiInput",
     "FinPiLayer",
+    "InfPiModule",
+    "FinPiModule",
+    "pi_product",
+    "sample",
+    "trace",
+    "MixedSpacesError",
+    "testing",
     "InfPiMLP",
     "FinPiMLP",
     "load_state_dict",

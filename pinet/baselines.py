@@ -531,6 +531,10 @@ class MLP(nn.Module):
         layers = [_Dense(d_in, n, scale=s_in, alpha=a_in, bias_alpha=beta, relu=False, **kw)]
         layers += [_Dense(n, n, scale=s_n, alpha=1.0, bias_alpha=beta, relu=True, **kw) for _ in range(depth)]
         layers.append(_Dense(n, d_out, scale=s_n, alpha=a_out, bias_alpha=beta_out, relu=True, **kw))
+        # Roles as pinet's layers declare them, so that pinet.optim.param_groups gives this MLP the
+        # reference's first/last/bias learning-rate multipliers too.
+        for i, layer in enumerate(layers):
+            layer.pi_role = "input" if i == 0 else "readout" if i == len(layers) - 1 else "hidden"
         self.layers = nn.ModuleList(layers)
         self.reset_parameters(generator)
 

@@ -10,107 +10,10 @@ import pinet
 from pinet import functional as F
 from pinet.hooks import Accumulate, ClipGradNorm, GradHook
 from pinet.optim import PiOptimizerWrapper, param_groups
+from pinet.testing import CoefficientSpaceReference
 
 D = torch.float64
 LR = 0.4
-
-
-class CoefficientSpaceReference:
-    """The spec's infinite π-MLP training, written out by hand with plain tensors.
-
-    Forward by the formula, δ from autograd on each π-layer's output, rows appended by hand, and
-    torch's SGD update rule (first momentum step ``buf = d``, later ``buf = μ buf + (1-τ) d``)
-    applied in coefficient space with the indicator gradient. Shares nothing with pinet.optim or
-    pinet.hooks.
-    """
-
-    def __init__(self, net, *, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                 maximize=False, clip=None, per_param=False, accum=1, mults=(1.0, 1.0, 1.0)):  # fmt: skip
-        self.alpha_in, self.beta = net.layers[0].alpha, net.layers[0].bias_alpha
-        self.A0 = net.layers[0].A.detach().clone().requires_grad_()
-        self.b0 = net.layers[0].bias.detach().clone().requires_grad_()
-        self.pi = [
-            dict(A=l.A.clone(), B=l.B.clone(), c=l.c.detach().clone(), alpha=l.alpha, beta=l.bias_alpha,
-                 ln=l.layernorm, bias=l.bias.detach().clone().requires_grad_())  # fmt: skip
-            for l in net.pi_layers
-        ]
-        self.mom, self.damp, self.nest, self.wd, self.max = momentum, dampening, nesterov, weight_decay, maximize
-        self.clip, self.per_param, self.accum = clip, per_param, accum
-        first, last, bias = mults
-        self.lr = {"A0": LR * first, "b0": LR * bias}
-        for i in range(len(self.pi)):
-            self.lr[f"c{i}"] = LR * (last if i == len(self.pi) - 1 else 1.0)
-            self.lr[f"b{i + 1}"] = LR * bias
-        self.bufs = {}
-
-    def forward(self, x):
-        g = self.alpha_in * (x @ self.A0 + self.beta * self.b0)
-        outs = []
-        for p in self.pi:
-            norm = g.norm(dim=1, keepdim=True)
-            gbar = g / norm
-            s = torch.ones_like(norm) if p["ln"] else norm
-            out = (s * F.J(gbar @ p["B"].T) * p["c"]) @ p["A"] + p["beta"] * p["bias"]
-            out.retain_grad()
-            outs.append((out, s.detach(), gbar.detach()))
-            g = p["alpha"] * out
-        return g, outs
-
-    def _sgd(self, key, param, grad):
-        if self.max:
-            grad = -grad
-        d = grad + self.wd * param if self.wd else grad
-        if self.mom:
-            if key not in self.bufs:
-                buf = d.clone()
-            else:
-                old = self.bufs[key]
-                old = torch.cat([old, old.new_zeros(d.shape[0] - old.shape[0])]) if d.dim() == 1 and old.shape != d.shape else old
-                buf = self.mom * old + (1 - self.damp) * d
-            self.bufs[key] = buf
-            d = d + self.mom * buf if self.nest else buf
-        return param - self.lr[key] * d
-
-    def step(self, micro_batches, loss_fn):
-        grads = {}
-        rows = [[] for _ in self.pi]
-        for x, t in micro_batches:
-            for v in [self.A0, self.b0] + [p["bias"] for p in self.pi]:
-                v.grad = None
-            y, outs = self.forward(x)
-            loss_fn(y, t).backward()
-            tensors = {"A0": self.A0, "b0": self.b0, **{f"b{i + 1}": p["bias"] for i, p in enumerate(self.pi)}}
-            for k, v in tensors.items():
-                grads[k] = grads.get(k, 0) + v.grad
-            for i, (out, s, gbar) in enumerate(outs):
-                rows[i].append((s * out.grad, gbar))
-        rows = [(torch.cat([a for a, _ in r]), torch.cat([b for _, b in r])) for r in rows]
-        coef = [torch.ones(a.shape[0], dtype=D) for a, _ in rows]
-        if self.clip:
-            sq = {k: g.square().sum() for k, g in grads.items()}
-            # ‖Δ‖² = tr(Aᵀ K A), K_ij = J(B_i · B_j), written out as a double sum.
-            for i, (a, b) in enumerate(rows):
-                sq[f"c{i}"] = sum(F.J(b[u] @ b[v]) * (a[u] @ a[v]) for u in range(len(a)) for v in range(len(a)))
-            groups = [[k] for k in sq] if self.per_param else [list(sq)]
-            for names in groups:
-                total = math.sqrt(sum(float(sq[k]) for k in names))
-                factor = self.clip / (total + 1e-6)
-                if factor < 1:
-                    for k in names:
-                        if k.startswith("c"):
-                            coef[int(k[1:])] = coef[int(k[1:])] * factor
-                        else:
-                            grads[k] = grads[k] * factor
-        with torch.no_grad():
-            self.A0 = self._sgd("A0", self.A0, grads["A0"]).requires_grad_()
-            self.b0 = self._sgd("b0", self.b0, grads["b0"]).requires_grad_()
-            for i, (p, (a, b)) in enumerate(zip(self.pi, rows)):
-                p["bias"] = self._sgd(f"b{i + 1}", p["bias"], grads[f"b{i + 1}"]).requires_grad_()
-                c = torch.cat([p["c"], torch.zeros(len(a), dtype=D)])
-                g = torch.cat([torch.zeros(len(p["c"]), dtype=D), coef[i]])
-                p["c"] = self._sgd(f"c{i}", c, g)
-                p["A"] = torch.cat([p["A"], a])
-                p["B"] = torch.cat([p["B"], b])
 
 
 def mse(y, t):
@@ -133,7 +36,7 @@ def _train_and_compare(sgd_kwargs, *, hooks=(), clip=None, per_param=False, accu
     torch.manual_seed(0)
     net = _net(layernorm, depth)
     ref_kwargs = {k: v for k, v in sgd_kwargs.items() if k != "foreach"}  # the reference has no foreach
-    ref = CoefficientSpaceReference(net, clip=clip, per_param=per_param, accum=accum, mults=mults, **ref_kwargs)
+    ref = CoefficientSpaceReference(net, lr=LR, clip=clip, per_param=per_param, accum=accum, mults=mults, **ref_kwargs)
     groups = param_groups(net, LR, sgd_kwargs.get("weight_decay", 0.0), *mults)
     opt_kwargs = {k: v for k, v in sgd_kwargs.items() if k != "weight_decay"}
     opt = PiOptimizerWrapper(torch.optim.SGD(groups, lr=LR, **opt_kwargs), net, hooks=hooks)

@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from .helpers import (
+from pinet.testing import (
     RATE_CONFIGS, Task, build_infinite, fit_slope, geo_mean, make_task, omega_generator, rel_error, train,
 )  # fmt: skip
 

@@ -1,9 +1,9 @@
 """Rate tests: finite π-nets sampled from an untrained infinite net and trained side by side with it
 approach it like n^-1/2 (spec, "The finite-width π-network").
 
-For each configuration of :data:`helpers.RATE_CONFIGS` and each of ``seeds`` data/initialisation
+For each configuration of :data:`pinet.testing.RATE_CONFIGS` and each of ``seeds`` data/initialisation
 seeds, one infinite net and one finite net per width are trained for 20 steps on the same batches
-with the same wrapped optimizer. Errors (relative, see :func:`helpers.rel_error`): the outputs on
+with the same wrapped optimizer. Errors (relative, see :func:`pinet.testing.rel_error`): the outputs on
 held-out points after training, the loss curve, and the gradient-norm curve the wrapper records
 (which must agree as well: a clipping or momentum bug shows there first).
 
@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import pytest
 
-from .helpers import RATE_CONFIGS, RateResult, TrainConfig, fit_slope, measure_rates, profile
+from pinet.testing import RATE_CONFIGS, RateResult, TrainConfig, fit_slope, measure_rates, profile
 
 P = profile()
 
@@ -56,7 +56,7 @@ def _table(res: RateResult) -> str:
     return "\n".join(rows)
 
 
-# Too slow for CI (see helpers.RATE_CONFIGS); its ingredients are in the fast profile at depth 0
+# Too slow for CI (see pinet.testing.RATE_CONFIGS); its ingredients are in the fast profile at depth 0
 # and, at depth 1, in the property tests.
 SLOW_ONLY = {"d1-nesterov-mix"}
 

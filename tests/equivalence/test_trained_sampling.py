@@ -16,34 +16,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from .helpers import (
-    DTYPE, TrainConfig, fit_slope, geo_mean, omega_generator, profile, rel_error, sampled_errors, train, train_infinite,
+import pinet
+
+from pinet.testing import (
+    DTYPE, MAX_ERROR_4096, SLOPE_RANGE, TrainConfig, fit_slope, geo_mean, omega_generator, profile, rel_error,
+    sampled_errors, train, train_infinite,
 )  # fmt: skip
+from pinet.testing import TRAINED_SAMPLING_CONFIGS as CONFIGS
 
 P = profile()
 
-# The bound on the slope (theory: -0.5). Measured slopes of the geometric mean over 10 Ω
-# draws: -0.56 to -0.63 (docs/equivalence_calibration.md, "Trained sampling"), a little steeper than
-# -0.5 because the error at width 256 (up to 0.23) still carries nonlinear O(1/n) terms. -0.35 is
-# the bound a sampler with a wrong scaling or a dropped term violates (its error stops falling);
-# -0.75 only guards against a degenerate comparison (e.g. comparing a net with itself).
-SLOPE_RANGE = (-0.75, -0.35)
-# Measured geometric-mean relative error at width 4096: 0.017 to 0.049 (same document; the largest
-# is the net trained with weight decay 0.1, whose outputs are small). The reference library's
-# k^-1/2 readout scaling (spec, "Where the reference code differs") gives errors of order 1 at every
-# width; 0.1 is twice the largest measured value.
-MAX_ERROR_4096 = 0.1
-
-CONFIGS = {
-    # Trained with momentum and weight decay so that old coefficients are not 1, and with biases
-    # (which the reference code's sampler drops for the readout).
-    "d1-momentum-wd": TrainConfig(name="d1-momentum-wd", depth=1, lr=0.1, momentum=0.9, weight_decay=0.1, minibatches=True),
-    "d2-layernorm-no-bias": TrainConfig(name="d2-layernorm-no-bias", depth=2, lr=0.3, layernorm=True, bias_alpha=0.0, clip=1.0),
-    "d3-mults": TrainConfig(
-        name="d3-mults", depth=3, lr=0.3, first_layer_alpha=2.0, last_layer_alpha=0.5,
-        bias_alpha=0.5, first_layer_lr_mult=0.5, bias_lr_mult=2.0, momentum=0.5,
-    ),  # fmt: skip
-}
+# Bounds (SLOPE_RANGE, MAX_ERROR_4096) and their calibration: pinet.testing.
 
 
 def _widths(depth: int) -> list[int]:
@@ -82,7 +65,7 @@ def test_sampling_after_training_then_training_on_stays_with_the_infinite_net():
     widths, draws = [256, 4096], 8
     geo = {
         w: geo_mean(
-            rel_error(train(trained.sample(w, generator=omega_generator(5, w, j), dtype=DTYPE), cfg, later).outputs,
+            rel_error(train(pinet.sample(trained, w, generator=omega_generator(5, w, j), dtype=DTYPE), cfg, later).outputs,
                       inf.outputs)  # fmt: skip
             for j in range(draws)
         )
