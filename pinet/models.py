@@ -32,6 +32,10 @@ def _check_input(x: Tensor, d_in: int, owner: str) -> None:
         raise ValueError(f"{owner}.forward: x contains NaN or inf")
 
 
+def _a(name: str) -> str:
+    return ("an " if name[0] in "AEIOU" else "a ") + name
+
+
 def _check_multipliers(first, last, bias, last_bias, hidden_bias, layernorm) -> tuple[float, float]:
     # Named after the constructor arguments (a layer's own message would only say "alpha").
     _check_mult("first_layer_alpha", first)
@@ -59,7 +63,7 @@ def _saved_config(state_dict, owner: str) -> tuple[dict, dict, str]:
     finite = owner == "FinPiMLP"
     if ("width" in s) != finite:
         other = "FinPiMLP" if "width" in s else "InfPiMLP"
-        fail(f"this is a {other} state dict ('_extra_state' {'has' if 'width' in s else 'has no'} a width); "
+        fail(f"this is {_a(other)} state dict ('_extra_state' {'has' if 'width' in s else 'has no'} a width); "
              f"use pinet.{other}.from_state_dict")  # fmt: skip
     names = ("d_in", "d_out", "r", "depth") + (("width",) if finite else ())
     for k in names:
@@ -159,7 +163,7 @@ class _MLPConfig(nn.Module):
             return [f"{key}: expected the {name} structure (a dict), got {type(state).__name__}"]
         if ("width" in state) != ("width" in mine):
             kind = "FinPiMLP" if "width" in state else "InfPiMLP"
-            return [f"{key}: this is a {kind} state dict and the model is a {name}; build the model with "
+            return [f"{key}: this is {_a(kind)} state dict and the model is {_a(name)}; build the model with "
                     f"pinet.{kind}.from_state_dict"]  # fmt: skip
         saved = {k: state.get(k) for k in mine}
         if saved != mine:

@@ -149,7 +149,7 @@ def test_finite_state_into_infinite_net_and_back():
                    generator=torch.Generator().manual_seed(2))  # fmt: skip
     msg = _load_fails(inf, fin.state_dict(), "_extra_state", "this is a FinPiMLP state dict", "FinPiMLP.from_state_dict")
     assert '"layers.0.weight"' in msg and '"layers.1.state.A"' in msg  # unexpected and missing, by name
-    _load_fails(fin, inf.state_dict(), "this is a InfPiMLP state dict", "InfPiMLP.from_state_dict")
+    _load_fails(fin, inf.state_dict(), "this is an InfPiMLP state dict", "InfPiMLP.from_state_dict")
 
 
 class TwoHeads(nn.Module):
@@ -308,7 +308,7 @@ def test_from_state_dict_names_the_kind_and_the_key():
     fin = FinPiMLP(5, 3, 4, 1, 8, bias_alpha=0.5, dtype=D, generator=torch.Generator().manual_seed(4))
     with pytest.raises(StateDictError, match=r"this is a FinPiMLP state dict.*pinet\.FinPiMLP\.from_state_dict"):
         InfPiMLP.from_state_dict(fin.state_dict())
-    with pytest.raises(StateDictError, match=r"this is a InfPiMLP state dict.*pinet\.InfPiMLP\.from_state_dict"):
+    with pytest.raises(StateDictError, match=r"this is an InfPiMLP state dict.*pinet\.InfPiMLP\.from_state_dict"):
         FinPiMLP.from_state_dict(inf.state_dict())
     sd = inf.state_dict()
     cases = [
