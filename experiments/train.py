@@ -6,7 +6,7 @@
 
 Prints a table row per epoch (train/test loss and accuracy, learning rate, gradient norm, π-rows M
 per infinite layer, epoch time) and writes ``log.csv``, ``curves.png`` and ``checkpoint.pt`` into
-``--save-dir`` every epoch. Installed as the console script ``pinet-train``.
+``--save-dir`` every epoch.
 """
 
 from __future__ import annotations

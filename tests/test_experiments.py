@@ -240,8 +240,14 @@ def test_compare_writes_markdown_table(tmp_path, capsys):
     assert [len(r["accs"]) for r in raw["rows"]] == [1, 1, 2, 2, 2, 2]
 
 
-def test_console_script_is_declared():
-    from importlib.metadata import entry_points
+def test_experiments_is_not_an_installed_package(tmp_path):
+    # `experiments` is a common top-level name: installing it would shadow other projects'
+    # packages. The jobs run from the checkout (`python -m experiments.train`); outside it the
+    # installed pinet provides no `experiments` module.
+    import subprocess
+    import sys
 
-    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "pinet-train"]
-    assert ep.load() is train.main
+    code = "import importlib.util, pinet; print(importlib.util.find_spec('experiments') is None)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "True"
