@@ -642,6 +642,12 @@ def _prepare_save_dir(save_dir: str) -> None:
             os.remove(os.path.join(save_dir, name + ".tmp"))
 
 
+def _one_line(e: Exception) -> str:
+    # torch's and pinet's load errors put the problems on the lines after a header: keep the first.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return lines[0] + (" " + lines[1] if len(lines) > 1 and lines[0].endswith(":") else "")
+
+
 def _load(path: str, what: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -665,8 +671,8 @@ def load_model_file(path: str, device=None) -> nn.Module:
     try:
         kind = pinet.FinPiMLP if "width" in extra else pinet.InfPiMLP
         net = kind.from_state_dict(sd, device=device)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise CLIError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CLIError(f"cannot load the model in {path}: {_one_line(e)}") from None
     return net
 
 
@@ -770,10 +776,7 @@ def fit(
                 sched.load_state_dict(checkpoint["scheduler"])
             _set_rng_state(checkpoint["rng"], data_gen)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            lines = str(e).splitlines()
-            # pinet's load errors put the problems on the lines after the header: show the first.
-            detail = lines[0] + (" " + lines[1].strip() if len(lines) > 1 and "nothing was loaded" in lines[0] else "")
-            raise CLIError(f"cannot restore the checkpoint: {detail}") from None
+            raise CLIError(f"cannot restore the checkpoint: {_one_line(e)}") from None
         history = list(checkpoint["history"])
         start = int(checkpoint["epoch"])
     else:

@@ -194,8 +194,11 @@ class InfPiMLP(_MLPConfig):
 
     ``forward``: (b, d_in) -> (b, d_out). ``depth`` is the reference library's ``L`` (number of
     hidden π-layers). ``dtype`` is the storage dtype of the π-state; coefficients, biases, the
-    input layer and the computation use at least float32. ``bias_alpha == 0`` builds no biases.
-    Multipliers and ``layernorm`` are saved with the state dict and restored on load.
+    input layer and the computation use at least float32. ``bias_alpha == 0`` builds no biases;
+    ``hidden_bias_alpha`` (default ``bias_alpha``) and ``last_bias_alpha`` set the hidden and output
+    layers' own (the reference library keeps unscaled hidden biases under a zero ``bias_alpha``).
+    Multipliers and ``layernorm`` are saved with the state dict and restored on load;
+    ``load_state_dict`` checks the whole state dict before writing (:func:`pinet.load_state_dict`).
     """
 
     def __init__(

@@ -362,8 +362,15 @@ def test_save_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
 def test_checkpoint_without_rng_state_is_a_one_line_error(tmp_path, capsys):
     from experiments import train
 
-    train.main(TINY + ["--save-dir", str(tmp_path / "run")])
+    train.main(TINY + ["--save-dir", str(tmp_path / "run"), "--save-model"])
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    # a model file that does not load: one line naming the key, not the bare header
+    model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    model["layers.1._extra_state"] = dict(model["layers.1._extra_state"], layernorm="false")
+    torch.save(model, tmp_path / "bad_model.pt")
+    err = _cli_error(capsys, ["--test", "--model-path", str(tmp_path / "bad_model.pt"), "--train-subset", "48",
+                              "--test-subset", "24", "--no-progress"])  # fmt: skip
+    assert "layers.1._extra_state: layernorm must be a bool" in err, err
     for name, edit, expect in [
         ("no_rng", lambda c: c.pop("rng"), "'rng'"),
         ("bad_rng", lambda c: c["rng"].pop("data"), "RNG state ('rng')"),
