@@ -64,6 +64,10 @@ def _check_tensor_entry(key: str, value, target: Tensor, problems: list[str]) ->
     if not isinstance(value, Tensor):
         problems.append(f"{key}: expected a tensor from the checkpoint, got {type(value).__name__}")
         return
+    if value.layout != torch.strided or value.is_meta:
+        problems.append(f"{key}: expected a dense tensor with data, got layout {value.layout}"
+                        + (" on the meta device" if value.is_meta else ""))  # fmt: skip
+        return
     if torch.nn.parameter.is_lazy(target):
         return
     shape = value.shape

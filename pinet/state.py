@@ -42,6 +42,10 @@ def _check_tensor(key: str, v, problems: list[str]) -> bool:
     if not v.is_floating_point() or v.is_complex():
         problems.append(f"{key}: expected a real floating-point tensor, got dtype {v.dtype}")
         return False
+    if v.layout != torch.strided or v.is_meta:
+        problems.append(f"{key}: expected a dense tensor with data, got layout {v.layout}"
+                        + (" on the meta device" if v.is_meta else ""))  # fmt: skip
+        return False
     return True
 
 

@@ -108,6 +108,8 @@ def test_bad_checkpoints_leave_the_net_untouched():
         (dict(sd, **{f"{last}.state.c": sd[f"{last}.state.c"].long()}), [f"{last}.state.c", "int64"]),
         (dict(sd, **{f"{last}.bias": sd[f"{last}.bias"].to(torch.complex128)}), [f"{last}.bias", "complex"]),
         (dict(sd, **{f"{last}.bias": sd[f"{last}.bias"].tolist()}), [f"{last}.bias", "list"]),
+        (dict(sd, **{f"{last}.bias": sd[f"{last}.bias"].to_sparse()}), [f"{last}.bias", "dense"]),
+        (dict(sd, **{f"{last}.state.B": sd[f"{last}.state.B"].to("meta")}), [f"{last}.state.B", "meta"]),
         (_edit_extra(sd, "_extra_state", depth=2), ["_extra_state", "depth: saved 2 vs this 1"]),
     ]
     for bad, names in cases:
