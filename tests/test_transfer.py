@@ -477,6 +477,10 @@ def test_missing_data_and_refused_flags_are_one_line_errors(tiny_data, capsys):
     assert "after --epochs 2" in err_of(["--transfer", "--transfer-milestones", "5", "--epochs", "2"], usage=True)
     assert "only used with --transfer" in err_of(["--transfer-milestones", "0"], usage=True)
     assert "--width" in err_of(["--width", "0"], usage=True)
+    (root / "afile").write_text("")
+    assert "not a directory" in err_of(["--save-dir", str(root / "afile"), "--imagenet-data", str(root / "imagenet")])
+    torch.save({"format": 1, "args": {}, "transfers": []}, root / "bad.pt")
+    assert "cannot be resumed" in err_of(["--resume", str(root / "bad.pt")])
 
 
 # ------------------------------------------------------------------------------ the embedded demo

@@ -57,6 +57,9 @@ _REFUSED = {
                      "net) is not implemented for π-nets; pinet.baselines.MLP is that network without projection",
 }  # fmt: skip
 
+# What a checkpoint.pt of this command holds for an exact resume (checked before anything loads).
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "history", "transfers", "epoch")
+
 _TRANSFER_CLI_ONLY = {"imagenet_data", "cifar_data", "quiet", "verbose", "human", "transfer", "transfer_milestones",
                       "transfer_ridges", "solve_kernel", "transfer_train_subset", "transfer_test_subset",
                       "kernel_block_size", "cycarr"}  # fmt: skip
@@ -462,8 +465,13 @@ def main(argv: list[str] | None = None) -> dict | None:
             checkpoint = _load(args.resume, "checkpoint")
             if checkpoint.get("format") != CHECKPOINT_FORMAT or "args" not in checkpoint or "transfers" not in checkpoint:
                 raise CLIError(f"{args.resume} is not a checkpoint.pt written by this command")
+            missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]
+            if missing:
+                raise CLIError(f"{args.resume} has no {', '.join(map(repr, missing))} entry: it cannot be resumed exactly")
             args = _merge_resume(parser, args, checkpoint["args"])
         _check(parser, args)
+        if args.save_dir and os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+            raise CLIError(f"--save-dir {args.save_dir} exists and is not a directory")
         say = (lambda *a: None) if args.quiet else print
         device = resolve_device(args)
         if args.threads is not None:
