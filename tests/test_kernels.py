@@ -306,3 +306,87 @@ def test_triton_kernels_compile_for_an_h100_class_gpu():
         except FileNotFoundError as e:  # a Triton build without the NVIDIA toolchain (ptxas)
             pytest.skip(f"Triton's CUDA toolchain is missing: {e}")
         assert "cubin" in compiled.asm
+
+
+# --------------------------------------------------------------------------- torch.compile
+def _compiled_training(compile_backend, steps=6):
+    from pinet.optim import PiOptimizerWrapper
+
+    def run(compiled):
+        torch.manual_seed(0)
+        net = pinet.InfPiMLP(10, 3, r=8, depth=2)
+        opt = PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net)
+        loss_fn = lambda x, y: TF.cross_entropy(net(x), y)  # noqa: E731
+        if compiled:
+            loss_fn = kernels.compile_step(loss_fn, backend=compile_backend)
+        gen = torch.Generator().manual_seed(1)
+        losses, graphs = [], []
+        for _ in range(steps):
+            x, y = torch.randn(8, 10, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            opt.zero_grad()
+            loss = loss_fn(x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        rows = [layer.state.rows for layer in net.pi_layers]
+        return losses, graphs, rows, net(torch.randn(5, 10, generator=gen)).detach()
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        compiled = run(True)
+    finally:
+        torch._dynamo.reset()
+    return compiled, run(False)
+
+
+def _check_compiled(compiled, eager):
+    (losses_c, graphs, rows_c, out_c), (losses_e, _, rows_e, out_e) = compiled, eager
+    assert rows_c == rows_e == [56, 56, 56]  # M grew by the batch at every step (8 rows at init)
+    # Dynamo compiles at step 1 and once more when M first changes (it then makes M symbolic);
+    # from step 3 on, M grows with no new graph.
+    assert graphs[2] == graphs[-1], graphs
+    # float32, the same kernels in a different op order: equal to rounding.
+    assert losses_c == pytest.approx(losses_e, rel=1e-5)
+    assert _rel(out_c, out_e.double()) < 1e-5
+
+
+def test_compiled_training_step_does_not_recompile_as_m_grows(one_thread):
+    # aot_eager: Dynamo + AOTAutograd (the custom operator's fake and autograd rules) without
+    # inductor's C++ code generation, which takes ~30 s on 2 cores (slow profile below).
+    _check_compiled(*_compiled_training("aot_eager"))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_step_does_not_recompile_as_m_grows(one_thread):
+    _check_compiled(*_compiled_training("inductor"))
+
+
+def test_compiled_pi_layer_custom_op_gives_all_four_gradients(one_thread, monkeypatch):
+    # The custom operator's autograd rule against the float64 formula, chunked and not.
+    from pinet.kernels import ops
+
+    calls = []
+    real = ops._run_forward
+    monkeypatch.setattr(ops, "_run_forward", lambda *a: calls.append(a[-2:]) or real(*a))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, generator=gen, dtype=D)
+    A, c = torch.randn(29, 4, generator=gen, dtype=D), torch.randn(29, generator=gen, dtype=D)
+    B = TF.normalize(torch.randn(29, 6, generator=gen, dtype=D), dim=1)
+    d = torch.randn(3, 4, generator=gen, dtype=D)
+    s, gbar = F.normalize_rows(x)
+    ref = [t.clone().requires_grad_() for t in (x, A, B, c)]
+    out = F.normalize_rows(ref[0])[0] * F.pi_product(F.normalize_rows(ref[0])[1], *ref[1:])
+    want = [out.detach()] + list(torch.autograd.grad(out, ref, d))
+    torch._dynamo.reset()
+    try:
+        for chunk in (None, 8):
+            f = kernels.compile_step(lambda *a: kernels.pi_layer(*a, chunk_size=chunk)[0], backend="aot_eager")
+            ins = [t.clone().requires_grad_() for t in (x, A, B, c)]
+            got = f(*ins)
+            for g, w in zip([got.detach()] + list(torch.autograd.grad(got, ins, d)), want):
+                assert torch.allclose(g, w, rtol=0, atol=1e-12)
+        assert calls == [(None, "torch"), (8, "torch")]  # the compiled graphs ran the custom operator
+    finally:
+        torch._dynamo.reset()

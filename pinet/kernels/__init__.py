@@ -21,8 +21,9 @@ that cannot run here raises :class:`BackendUnavailable` saying why (nothing is c
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -43,6 +44,8 @@ __all__ = [
     "use_backend",
     "available_backends",
     "unavailable_reason",
+    "compile_step",
+    "COMPILE_CONFIG",
 ]
 
 BACKENDS = ("auto", "torch", "native", "triton")
@@ -160,7 +163,9 @@ def pi_layer(
 
     Storage rows are read in their own dtype and converted block by block, so half-precision
     storage halves the memory traffic while every product and sum runs in ``g``'s dtype. Autograd
-    gradients with respect to ``g``, ``A``, ``B`` and ``c`` are exact (double backward included).
+    gradients with respect to ``g``, ``A``, ``B`` and ``c`` are exact (double backward included,
+    except inside :func:`torch.compile`, where the product is the custom operator of
+    :mod:`pinet.kernels.ops`).
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"pi_layer: chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -168,6 +173,11 @@ def pi_layer(
     if layernorm:
         s = torch.ones_like(s)
     name = backend(g.device)
+    if torch.compiler.is_compiling():
+        # One opaque custom operator per call, so the compiled graph does not depend on M.
+        from . import ops
+
+        return s * ops.pi_product(gbar, A, B, c, chunk_size, name), s, gbar
     # s multiplies the (b, r_out) result instead of the (b, M) weights: one pass less over a b × M
     # tensor, and the product's backward then never needs s (its gradient is δ · u).
     if name == "triton":
@@ -179,3 +189,28 @@ def pi_layer(
     else:
         u = torch_ops.pi_product(gbar, A, B, c, chunk_size)
     return s * u, s, gbar
+
+
+# Dynamo settings under which a compiled step does not recompile as M grows: a PiState keeps its
+# row count as a Python int attribute (static by default: one graph per M) and its coefficients
+# ``c`` as a Parameter whose length is M (parameters have static shapes by default).
+COMPILE_CONFIG = {"allow_unspec_int_on_nn_module": True, "force_parameter_static_shapes": False}
+
+
+def compile_step(fn: Callable, **kwargs) -> Callable:
+    """``torch.compile(fn, dynamic=True, **kwargs)``, called under :data:`COMPILE_CONFIG`, so that
+    a function running an infinite net (forward, loss, and ``backward()`` if it calls it) keeps
+    its compiled graphs while the π-layers' M grows: after the first growth (one recompile,
+    when Dynamo makes M symbolic) steps reuse them. The π-product inside is one custom
+    operator per layer (:mod:`pinet.kernels.ops`) on the selected backend. The optimizer
+    wrapper's ``step()`` stays eager. Keyword arguments go to :func:`torch.compile`
+    (e.g. ``backend="aot_eager"``)."""
+    kwargs.setdefault("dynamic", True)
+    compiled = torch.compile(fn, **kwargs)
+
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        with torch._dynamo.config.patch(**COMPILE_CONFIG):
+            return compiled(*args, **kw)
+
+    return run

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..functional import pi_product as _reference_product
 from . import native
 
-__all__ = ["PiProduct", "pi_product", "torch_reduce", "native_reduce"]
+__all__ = ["PiProduct", "pi_product", "backward", "torch_reduce", "native_reduce"]
 
 _TWO_PI = 2.0 * math.pi
 
@@ -147,44 +147,51 @@ class PiProduct(torch.autograd.Function):
             # backward(create_graph=True): the gradient itself must be differentiable, so
             # recompute through the plain autograd formula (materialises b × M; rare path).
             return differentiable_backward(gbar, A, B, c, grad_u, ctx.needs_input_grad[:4]) + (None, None)
-        dt = gbar.dtype
-        M = B.shape[0]
-        grad_u = grad_u.to(dt)
-        guT = grad_u.T  # (r_out, b)
-        g_gbar = torch.zeros_like(gbar) if need_g else None
-        g_A = torch.empty(A.shape, dtype=dt, device=A.device) if need_A else None
-        g_B = torch.empty(B.shape, dtype=dt, device=B.device) if need_B else None
-        g_c = torch.empty(M, dtype=dt, device=c.device) if need_c else None
-        # J(q) itself is needed only for the gradients of A and c; then recompute the cosines.
-        recompute = acos_all is None or need_A or need_c
-        step = _block_rows(M, ctx.chunk_size, B.dtype != dt or A.dtype != dt, B.device)
-        for start in range(0, M, step):
-            stop = min(start + step, M)
-            Bb = B[start:stop].to(dt)
-            gw = A[start:stop].to(dt) @ guT  # (m, b) = ∂L/∂(J(q) c)
-            if recompute:
-                j, acos = _j_parts(Bb @ gbar.T)
-            else:
-                j, acos = None, acos_all[start:stop]
-            cb = c[start:stop, None].to(dt) / _TWO_PI  # per block: nothing of size M is allocated
-            if need_A:
-                g_A[start:stop] = torch.mm(j * cb, grad_u)  # (m, r_out) = (J c)ᵀ δ
-            if need_c:
-                g_c[start:stop] = (gw * j).sum(1) / _TWO_PI
-            if need_g or need_B:
-                gq = gw.mul_(acos).mul_(cb)  # (m, b) = ∂L/∂q; gw is not needed after this
-                if need_g:
-                    ctx.reduce(g_gbar, gq, Bb)
-                if need_B:
-                    g_B[start:stop] = gq @ gbar
-        return (
-            g_gbar,
-            None if g_A is None else g_A.to(A.dtype),
-            None if g_B is None else g_B.to(B.dtype),
-            None if g_c is None else g_c.to(c.dtype),
-            None,
-            None,
-        )
+        needs = (need_g, need_A, need_B, need_c)
+        return backward(gbar, A, B, c, acos_all, grad_u, ctx.chunk_size, ctx.reduce, needs) + (None, None)
+
+
+def backward(gbar, A, B, c, acos_all, grad_u, chunk_size, reduce, needs) -> tuple:
+    """Block-wise gradients ``(∂ḡ, ∂A, ∂B, ∂c)`` of ``⟨grad_u, u⟩`` in the inputs' dtypes,
+    ``None`` where ``needs`` is false. ``acos_all`` (M, b): ``arccos(-q)`` kept by the forward,
+    or ``None`` to recompute the cosines per block."""
+    need_g, need_A, need_B, need_c = needs
+    dt = gbar.dtype
+    M = B.shape[0]
+    grad_u = grad_u.to(dt)
+    guT = grad_u.T  # (r_out, b)
+    g_gbar = torch.zeros_like(gbar) if need_g else None
+    g_A = torch.empty(A.shape, dtype=dt, device=A.device) if need_A else None
+    g_B = torch.empty(B.shape, dtype=dt, device=B.device) if need_B else None
+    g_c = torch.empty(M, dtype=dt, device=c.device) if need_c else None
+    # J(q) itself is needed only for the gradients of A and c; then recompute the cosines.
+    recompute = acos_all is None or need_A or need_c
+    step = _block_rows(M, chunk_size, B.dtype != dt or A.dtype != dt, B.device)
+    for start in range(0, M, step):
+        stop = min(start + step, M)
+        Bb = B[start:stop].to(dt)
+        gw = A[start:stop].to(dt) @ guT  # (m, b) = ∂L/∂(J(q) c)
+        if recompute:
+            j, acos = _j_parts(Bb @ gbar.T)
+        else:
+            j, acos = None, acos_all[start:stop]
+        cb = c[start:stop, None].to(dt) / _TWO_PI  # per block: nothing of size M is allocated
+        if need_A:
+            g_A[start:stop] = torch.mm(j * cb, grad_u)  # (m, r_out) = (J c)ᵀ δ
+        if need_c:
+            g_c[start:stop] = (gw * j).sum(1) / _TWO_PI
+        if need_g or need_B:
+            gq = gw.mul_(acos).mul_(cb)  # (m, b) = ∂L/∂q; gw is not needed after this
+            if need_g:
+                reduce(g_gbar, gq, Bb)
+            if need_B:
+                g_B[start:stop] = gq @ gbar
+    return (
+        g_gbar,
+        None if g_A is None else g_A.to(A.dtype),
+        None if g_B is None else g_B.to(B.dtype),
+        None if g_c is None else g_c.to(c.dtype),
+    )
 
 
 def differentiable_backward(gbar, A, B, c, grad_u, needs) -> tuple:
