@@ -23,7 +23,7 @@ from .functional import J, normalize_rows
 from .layers import FinPiLayer, InfPiLayer
 from .models import FinPiMLP, InfPiMLP
 
-__all__ = ["feature_kernel", "features", "readout_layer"]
+__all__ = ["feature_kernel", "features", "kernel_from_features", "readout_layer"]
 
 
 class _Captured(Exception):
@@ -81,7 +81,12 @@ def _check_block(block_size) -> int:
 
 @torch.no_grad()
 def features(
-    net: nn.Module, x: Tensor, *, layer: nn.Module | None = None, block_size: int = 512
+    net: nn.Module,
+    x: Tensor,
+    *,
+    layer: nn.Module | None = None,
+    block_size: int = 512,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[str, Tensor, Tensor | None]:
     """The readout features of ``x`` (N, ...), computed ``block_size`` samples at a time.
 
@@ -95,6 +100,7 @@ def features(
 
     The net runs in eval mode under ``torch.no_grad()`` (no π-rows are captured, nothing in the net
     changes) and stops as soon as the layer's input is known; training flags are restored after.
+    ``progress(done, total)`` is called with the number of samples done after every block.
     """
     layer = readout_layer(net) if layer is None else layer
     if not isinstance(layer, (InfPiLayer, FinPiLayer)):
@@ -140,6 +146,8 @@ def features(
                 if layer.layernorm:
                     h = h / h.norm(dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
                 parts_f.append(torch.relu(h))
+            if progress is not None:
+                progress(min(i + block_size, x.shape[0]), x.shape[0])
     finally:
         handle.remove()
         for m, mode in modes:
@@ -191,17 +199,40 @@ def feature_kernel(
         out: optional preallocated (n1, n2) tensor the blocks are written into (e.g. a
             ``torch.from_numpy`` view of a ``numpy.memmap`` for 60,000 × 60,000); returned.
         progress: called as ``progress(done, total)`` after every kernel block.
+
+    To form several kernels of the same inputs (train/train and test/train), compute
+    :func:`features` once per input set and call :func:`kernel_from_features`.
     """
     x1 = _check_x("x1", x1)
     if x2 is not None:
         x2 = _check_x("x2", x2, like=x1)
     block_size = _check_block(block_size)
     layer = readout_layer(net) if layer is None else layer
-    kind, F1, s1 = features(net, x1, layer=layer, block_size=block_size)
-    if x2 is None:
+    f1 = features(net, x1, layer=layer, block_size=block_size)
+    f2 = None if x2 is None else features(net, x2, layer=layer, block_size=block_size)
+    return kernel_from_features(f1, f2, block_size=block_size, dtype=dtype, out=out, progress=progress)
+
+
+def kernel_from_features(
+    f1: tuple,
+    f2: tuple | None = None,
+    *,
+    block_size: int = 512,
+    dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Tensor:
+    """The feature kernel (n1, n2) from :func:`features` outputs ``f1`` (of n1 samples) and ``f2``
+    (``None``: the symmetric ``K(f1, f1)``); arguments as in :func:`feature_kernel`."""
+    kind, F1, s1 = f1
+    if f2 is None:
         F2, s2 = F1, s1
     else:
-        _, F2, s2 = features(net, x2, layer=layer, block_size=block_size)
+        kind2, F2, s2 = f2
+        if kind2 != kind or F2.shape[1] != F1.shape[1]:
+            raise ValueError(f"kernel_from_features: f1 and f2 must be features of the same layer, got {kind} "
+                             f"{tuple(F1.shape)} and {kind2} {tuple(F2.shape)}")  # fmt: skip
+    block_size = _check_block(block_size)
     dtype = dtype or F1.dtype
     F1, F2 = F1.to(dtype), F2.to(dtype)
     s1 = None if s1 is None else s1.to(dtype)
@@ -211,7 +242,7 @@ def feature_kernel(
         out = torch.empty(n1, n2, dtype=dtype, device=F1.device)
     elif not isinstance(out, Tensor) or tuple(out.shape) != (n1, n2):
         raise ValueError(f"feature_kernel: out must be a ({n1}, {n2}) tensor, got {getattr(out, 'shape', out)}")
-    sym = x2 is None
+    sym = f2 is None
     starts1 = list(range(0, n1, block_size))
     starts2 = list(range(0, n2, block_size))
     total = len(starts1) * (len(starts1) + 1) // 2 if sym else len(starts1) * len(starts2)

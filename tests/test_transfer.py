@@ -11,7 +11,7 @@ from torch import nn
 
 import pinet
 from pinet.baselines import KernelRegressor, accuracy, kernel_ridge, one_hot_targets
-from pinet.features import features, readout_layer
+from pinet.features import features, kernel_from_features, readout_layer
 from pinet.functional import J
 from pinet.optim import PiOptimizerWrapper, param_groups
 
@@ -133,6 +133,11 @@ def test_blocked_kernel_equals_unblocked_symmetric_psd_and_net_untouched(finite)
     # The joint kernel's off-diagonal block is the cross kernel.
     joint = pinet.feature_kernel(net, torch.cat([X1, X2]), block_size=7)
     assert torch.allclose(joint[:23, 23:], cross, rtol=1e-12, atol=1e-14)
+    # From features computed once per input set.
+    f1, f2 = features(net, X1, block_size=6), features(net, X2)
+    assert torch.allclose(kernel_from_features(f2, f1, block_size=4), cross.T, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="same layer"):
+        kernel_from_features(f1, ("finite" if not finite else "infinite", f2[1], f2[2]))
     # Written into a preallocated buffer (e.g. a memmap) in another dtype.
     buf = torch.zeros(23, 11, dtype=torch.float32)
     assert pinet.feature_kernel(net, X1, X2, block_size=4, out=buf) is buf

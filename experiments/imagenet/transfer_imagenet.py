@@ -38,6 +38,7 @@ from experiments.common import (
 )  # fmt: skip
 from experiments.imagenet.data import Uint8Data, load_cifar10, load_imagenet32, normalize, parse_classes
 from pinet.baselines import accuracy, kernel_ridge, one_hot_targets
+from pinet.features import features, kernel_from_features
 from pinet.hooks import ClipGradNorm
 
 # The reference command's defaults (../shared/reference-clis.md).
@@ -229,16 +230,26 @@ class Transfer:
     def __call__(self, net) -> dict:
         """``{"acc": [per ridge], "seconds": ...}`` for ``net`` (not modified)."""
         t0 = time.perf_counter()
+        # Features once per image set (one forward over train and one over test), then both kernels.
+        feats = []
+        for name, X in (("train", self.Xtr), ("test", self.Xte)):
+            bar, cb = self._bar(f"features of the CIFAR-10 {name} images")
+            try:
+                feats.append(features(net, X, block_size=self.block, progress=cb))
+            finally:
+                if bar is not None:
+                    bar.close()
+        ftr, fte = feats
         kw = dict(block_size=self.block, dtype=torch.float64)
         bar, cb = self._bar("feature kernel K(train, train)")
         try:
-            K = pinet.feature_kernel(net, self.Xtr, progress=cb, **kw)
+            K = kernel_from_features(ftr, progress=cb, **kw)
         finally:
             if bar is not None:
                 bar.close()
         bar, cb = self._bar("feature kernel K(test, train)")
         try:
-            Kt = pinet.feature_kernel(net, self.Xte, self.Xtr, progress=cb, **kw)
+            Kt = kernel_from_features(fte, ftr, progress=cb, **kw)
         finally:
             if bar is not None:
                 bar.close()
