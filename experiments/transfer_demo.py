@@ -32,7 +32,14 @@ import time
 import torch
 
 import pinet
-from experiments.common import CLIError, TensorData, add_training_args, check_training_args, fit, load_digits_data
+from experiments.common import (
+    CLIError,
+    TensorData,
+    add_training_args,
+    check_training_args,
+    fit,
+    load_digits_data,
+)
 from experiments.train import DEFAULTS
 from pinet.baselines import MLP, accuracy, kernel_ridge, nngp_kernel, ntk_kernel, one_hot_targets
 
@@ -61,8 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("transfer demo")
     arg = d.add_argument
     arg("--seeds", type=int, default=3, help="number of seeds (from --seed)")
-    arg("--widths", type=_ints, default=[256, 1024, 4096], help="widths of the finite π-nets sampled from the trained π-limit")
-    arg("--trained-width", type=int, default=512, help="width of the finite π-net trained on the source (0: none)")
+    arg(
+        "--widths",
+        type=_ints,
+        default=[256, 1024, 4096],
+        help="widths of the finite π-nets sampled from the trained π-limit",
+    )
+    arg(
+        "--trained-width",
+        type=int,
+        default=512,
+        help="width of the finite π-net trained on the source (0: none)",
+    )
     arg("--mlp-width", type=int, default=1024, help="width of the μP MLP trained on the source (0: none)")
     arg("--shots", type=int, default=10, help="labelled target images per class in the few-shot column")
     arg("--ridge", type=float, default=1e-4, help="ridge λ, relative to the kernel's mean diagonal")
@@ -130,8 +147,10 @@ def run(args, log) -> tuple[list[dict], dict]:
     rows: dict[str, dict] = {}
 
     def add(key, method, width, few, all_, t, src=None, note=""):
-        r = rows.setdefault(key, {"method": method, "width": width, "few": [], "all": [], "src": [], "times": [],
-                                  "note": note})  # fmt: skip
+        r = rows.setdefault(
+            key,
+            {"method": method, "width": width, "few": [], "all": [], "src": [], "times": [], "note": note},
+        )
         r["few"].append(few)
         r["all"].append(all_)
         r["times"].append(t)
@@ -139,8 +158,13 @@ def run(args, log) -> tuple[list[dict], dict]:
             r["src"].append(src)
         log(f"  {method} {width}: {100 * few:.2f}% / {100 * all_:.2f}% ({t:.1f}s)")
 
-    kw = dict(depth=args.depth, first_layer_alpha=args.first_layer_alpha, last_layer_alpha=args.last_layer_alpha,
-              bias_alpha=args.bias_alpha, last_bias_alpha=args.last_bias_alpha)  # fmt: skip
+    kw = dict(
+        depth=args.depth,
+        first_layer_alpha=args.first_layer_alpha,
+        last_layer_alpha=args.last_layer_alpha,
+        bias_alpha=args.bias_alpha,
+        last_bias_alpha=args.last_bias_alpha,
+    )
     for key, fn, name in (("nngp", nngp_kernel, "NNGP kernel"), ("ntk", ntk_kernel, "NTK kernel")):
         t0 = time.perf_counter()
         few, all_ = target.score(lambda a, b=None, fn=fn: fn(a, b, **kw))
@@ -157,36 +181,81 @@ def run(args, log) -> tuple[list[dict], dict]:
         t0 = time.perf_counter()
         few, all_ = target.score(_feature(net))
         M = net.layers[1].state.rows
-        add("limit", "π-limit, pretrained", "∞", few, all_, t_train + time.perf_counter() - t0, src,
-            note=f"M = {M} rows per π-layer after pretraining")
+        add(
+            "limit",
+            "π-limit, pretrained",
+            "∞",
+            few,
+            all_,
+            t_train + time.perf_counter() - t0,
+            src,
+            note=f"M = {M} rows per π-layer after pretraining",
+        )
         init = pinet.InfPiMLP(source.d_in, source.d_out, args.r, args.depth, **net.multipliers())
         init.reset_parameters(torch.Generator().manual_seed(seed))  # the initialisation fit() started from
         t0 = time.perf_counter()
         few, all_ = target.score(_feature(init))
-        add("init", "π-limit, untrained (same init)", "∞", few, all_, time.perf_counter() - t0,
-            note="rank-r initial features")
+        add(
+            "init",
+            "π-limit, untrained (same init)",
+            "∞",
+            few,
+            all_,
+            time.perf_counter() - t0,
+            note="rank-r initial features",
+        )
         for w in args.widths:
             t0 = time.perf_counter()
             fin = net.sample(w, generator=torch.Generator().manual_seed(1000 * seed + w))
             few, all_ = target.score(_feature(fin))
-            add(f"sampled{w}", "finite π-net sampled from the pretrained π-limit", str(w), few, all_,
-                time.perf_counter() - t0, note="no training of its own")
+            add(
+                f"sampled{w}",
+                "finite π-net sampled from the pretrained π-limit",
+                str(w),
+                few,
+                all_,
+                time.perf_counter() - t0,
+                note="no training of its own",
+            )
         if args.trained_width:
             run_args.width = args.trained_width
             t0 = time.perf_counter()
             res = fit(run_args, source, device=torch.device("cpu"), progress=False, quiet=True)
             few, all_ = target.score(_feature(res.model))
-            add("fintrained", "finite π-net, pretrained", str(args.trained_width), few, all_,
-                time.perf_counter() - t0, res.history[-1]["test_acc"], note="projected SGD, same hyperparameters")
+            add(
+                "fintrained",
+                "finite π-net, pretrained",
+                str(args.trained_width),
+                few,
+                all_,
+                time.perf_counter() - t0,
+                res.history[-1]["test_acc"],
+                note="projected SGD, same hyperparameters",
+            )
         if args.mlp_width:
             run_args.width = 0
-            mlp = MLP(source.d_in, source.d_out, args.mlp_width, args.depth, layernorm=args.layernorm,
-                      generator=torch.Generator().manual_seed(seed), **{k: v for k, v in kw.items() if k != "depth"})  # fmt: skip
+            mlp = MLP(
+                source.d_in,
+                source.d_out,
+                args.mlp_width,
+                args.depth,
+                layernorm=args.layernorm,
+                generator=torch.Generator().manual_seed(seed),
+                **{k: v for k, v in kw.items() if k != "depth"},
+            )
             t0 = time.perf_counter()
             res = fit(run_args, source, device=torch.device("cpu"), progress=False, quiet=True, model=mlp)
             few, all_ = target.score(_mlp_feature(mlp))
-            add("mlp", "μP MLP, pretrained (no projection)", str(args.mlp_width), few, all_,
-                time.perf_counter() - t0, res.history[-1]["test_acc"], note="full-rank Gaussian init, plain SGD")
+            add(
+                "mlp",
+                "μP MLP, pretrained (no projection)",
+                str(args.mlp_width),
+                few,
+                all_,
+                time.perf_counter() - t0,
+                res.history[-1]["test_acc"],
+                note="full-rank Gaussian init, plain SGD",
+            )
     order = ["limit", "init"] + [f"sampled{w}" for w in args.widths] + ["fintrained", "mlp", "nngp", "ntk"]
     return [rows[k] for k in order if k in rows], info
 
@@ -209,12 +278,19 @@ def render(rows: list[dict], info: dict, args, seconds: float) -> str:
         f"{args.lr} (experiments.train's defaults). Seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± std); "
         f"{seconds:.0f} s in all on {platform.machine()} with {torch.get_num_threads()} torch thread(s)."
     )
-    lines = [head, "", f"| Method | Width | Target acc., {args.shots}/class (%) | Target acc., all (%) | "
-             "Source test acc. (%) | Time / run (s) | Notes |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        head,
+        "",
+        f"| Method | Width | Target acc., {args.shots}/class (%) | Target acc., all (%) | "
+        "Source test acc. (%) | Time / run (s) | Notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = statistics.fmean(r["times"])
-        lines.append(f"| {r['method']} | {r['width']} | {_cell(r['few'])} | {_cell(r['all'])} | {_cell(r['src'])} | "
-                     f"{t:.1f} | {r['note']} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['width']} | {_cell(r['few'])} | {_cell(r['all'])} | {_cell(r['src'])} | "
+            f"{t:.1f} | {r['note']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

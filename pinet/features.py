@@ -41,10 +41,15 @@ def readout_layer(net: nn.Module) -> InfPiLayer | FinPiLayer:
     if isinstance(net, (InfPiMLP, FinPiMLP)):
         return net.layers[-1]
     if isinstance(net, (InfPiLayer, FinPiLayer)):
-        raise TypeError("feature_kernel: net is a single π-layer; pass the network that contains it "
-                        "(and layer=that_layer)")  # fmt: skip
-    cands = [(name, m) for name, m in net.named_modules()
-             if (isinstance(m, InfPiLayer) and m.readout) or (isinstance(m, FinPiLayer) and m.proj is None)]  # fmt: skip
+        raise TypeError(
+            "feature_kernel: net is a single π-layer; pass the network that contains it "
+            "(and layer=that_layer)"
+        )
+    cands = [
+        (name, m)
+        for name, m in net.named_modules()
+        if (isinstance(m, InfPiLayer) and m.readout) or (isinstance(m, FinPiLayer) and m.proj is None)
+    ]
     if len(cands) != 1:
         found = ", ".join(name for name, _ in cands) or "none"
         raise ValueError(
@@ -65,11 +70,15 @@ def _device(net: nn.Module) -> torch.device | None:
 
 def _check_x(name: str, x, like: Tensor | None = None) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() < 1:
-        raise TypeError(f"feature_kernel: {name} must be a tensor with the samples along dim 0, "
-                        f"got {getattr(x, 'shape', type(x).__name__)}")  # fmt: skip
+        raise TypeError(
+            f"feature_kernel: {name} must be a tensor with the samples along dim 0, "
+            f"got {getattr(x, 'shape', type(x).__name__)}"
+        )
     if like is not None and x.shape[1:] != like.shape[1:]:
-        raise ValueError(f"feature_kernel: {name} must have per-sample shape {tuple(like.shape[1:])} "
-                         f"like x1, got {tuple(x.shape)}")  # fmt: skip
+        raise ValueError(
+            f"feature_kernel: {name} must have per-sample shape {tuple(like.shape[1:])} "
+            f"like x1, got {tuple(x.shape)}"
+        )
     return x
 
 
@@ -104,8 +113,9 @@ def features(
     """
     layer = readout_layer(net) if layer is None else layer
     if not isinstance(layer, (InfPiLayer, FinPiLayer)):
-        raise TypeError(f"feature_kernel: layer must be an InfPiLayer or FinPiLayer of net, got "
-                        f"{type(layer).__name__}")  # fmt: skip
+        raise TypeError(
+            f"feature_kernel: layer must be an InfPiLayer or FinPiLayer of net, got {type(layer).__name__}"
+        )
     if not any(m is layer for m in net.modules()):
         raise ValueError("feature_kernel: layer is not a submodule of net")
     x = _check_x("x", x)
@@ -230,8 +240,10 @@ def kernel_from_features(
     else:
         kind2, F2, s2 = f2
         if kind2 != kind or F2.shape[1] != F1.shape[1]:
-            raise ValueError(f"kernel_from_features: f1 and f2 must be features of the same layer, got {kind} "
-                             f"{tuple(F1.shape)} and {kind2} {tuple(F2.shape)}")  # fmt: skip
+            raise ValueError(
+                f"kernel_from_features: f1 and f2 must be features of the same layer, got {kind} "
+                f"{tuple(F1.shape)} and {kind2} {tuple(F2.shape)}"
+            )
     block_size = _check_block(block_size)
     dtype = dtype or F1.dtype
     F1, F2 = F1.to(dtype), F2.to(dtype)
@@ -241,13 +253,15 @@ def kernel_from_features(
     if out is None:
         out = torch.empty(n1, n2, dtype=dtype, device=F1.device)
     elif not isinstance(out, Tensor) or tuple(out.shape) != (n1, n2):
-        raise ValueError(f"feature_kernel: out must be a ({n1}, {n2}) tensor, got {getattr(out, 'shape', out)}")
+        raise ValueError(
+            f"feature_kernel: out must be a ({n1}, {n2}) tensor, got {getattr(out, 'shape', out)}"
+        )
     sym = f2 is None
     starts1 = list(range(0, n1, block_size))
     starts2 = list(range(0, n2, block_size))
     total = len(starts1) * (len(starts1) + 1) // 2 if sym else len(starts1) * len(starts2)
     done = 0
-    sl = lambda t, i: None if t is None else t[i : i + block_size]  # noqa: E731
+    sl = lambda t, i: None if t is None else t[i : i + block_size]
     for bi, i in enumerate(starts1):
         for j in starts2[bi:] if sym else starts2:
             K = _block(kind, F1[i : i + block_size], sl(s1, i), F2[j : j + block_size], sl(s2, j))

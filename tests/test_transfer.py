@@ -97,7 +97,12 @@ def test_finite_feature_kernels_of_a_trained_net_converge_with_width(layernorm):
     errs = []
     for w in widths:
         draws = [
-            _rel(pinet.feature_kernel(net.sample(w, generator=torch.Generator().manual_seed(100 * w + j), dtype=DT), X), K_inf)
+            _rel(
+                pinet.feature_kernel(
+                    net.sample(w, generator=torch.Generator().manual_seed(100 * w + j), dtype=DT), X
+                ),
+                K_inf,
+            )
             for j in range(4)
         ]
         errs.append(_geo_mean(draws))
@@ -224,7 +229,7 @@ def test_accuracy_regressor_and_errors():
     net = _trained_net(layernorm=True)
     X, Xt = _x(40, 3), _x(10, 4)
     y, yt = (X[:, 0] > 0).long(), (Xt[:, 0] > 0).long()
-    kfn = lambda a, b=None: pinet.feature_kernel(net, a, b)  # noqa: E731
+    kfn = lambda a, b=None: pinet.feature_kernel(net, a, b)
     reg = KernelRegressor(kfn, ridge=[1e-4, 1e-8], relative_ridge=False).fit(X, y)
     pre = KernelRegressor("precomputed", ridge=[1e-4, 1e-8], relative_ridge=False)
     pre.fit(kfn(X), y)
@@ -236,7 +241,9 @@ def test_accuracy_regressor_and_errors():
     assert accs == pre.score(kfn(Xt, X), yt) and len(accs) == 2
     assert accs[0] == float((ref.argmax(1) == yt).double().mean())
     # Centering the one-hot targets by 1/k never changes the argmax.
-    raw = kfn(Xt, X) @ torch.linalg.solve(kfn(X) + 1e-4 * torch.eye(40, dtype=DT), one_hot_targets(y, center=False))
+    raw = kfn(Xt, X) @ torch.linalg.solve(
+        kfn(X) + 1e-4 * torch.eye(40, dtype=DT), one_hot_targets(y, center=False)
+    )
     assert accuracy(raw, yt) == accs[0]
     with pytest.raises(ValueError, match="positive definite"):
         kernel_ridge(-torch.eye(3, dtype=DT), torch.ones(3, 1, dtype=DT), None, 0.0, method="cholesky")
@@ -253,14 +260,14 @@ def test_accuracy_regressor_and_errors():
 
 
 # ------------------------------------------------------------------------- the ImageNet32 command
-import csv  # noqa: E402
-import os  # noqa: E402
-import pickle  # noqa: E402
+import csv
+import os
+import pickle
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from experiments.imagenet import data as imagenet_data  # noqa: E402
-from experiments.imagenet import transfer_imagenet  # noqa: E402
+from experiments.imagenet import data as imagenet_data
+from experiments.imagenet import transfer_imagenet
 
 # Labels of the tiny ImageNet32: 1, 5, 9 and 997 are in the default 250-class subset (ids 1, 5, ...,
 # 997), 2, 3 and 1000 are not and must be dropped.
@@ -299,7 +306,12 @@ def _write_cifar10(root, per_batch=8, n_test=12):
     def batch(n, label):
         y = rng.integers(0, 10, n)
         x = np.clip(y[:, None] * 25 + rng.integers(0, 40, (n, 3072)), 0, 255).astype(np.uint8)
-        return {"batch_label": label, "labels": y.tolist(), "data": x, "filenames": [f"{i}.png" for i in range(n)]}
+        return {
+            "batch_label": label,
+            "labels": y.tolist(),
+            "data": x,
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
 
     for i in range(1, 6):
         with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
@@ -321,17 +333,70 @@ def _csv(path):
 
 
 # The reference README's command (seeds/, pilimit_lib "Imagenet") with its transfer flags.
-REFERENCE = ("--save-dir=./output/ --save-model --cuda --r 200 --lr=0.01 --batch-size=16 --gclip=0 --epochs=40 "
-             "--human --wd=0.0001 --bias-alpha=0.5 --first-layer-lr-mult=1.0 --last-layer-lr-mult=1.0 "
-             "--gclip-per-param --transfer --transfer-milestones=0,5,10").split()  # fmt: skip
+REFERENCE = [
+    "--save-dir=./output/",
+    "--save-model",
+    "--cuda",
+    "--r",
+    "200",
+    "--lr=0.01",
+    "--batch-size=16",
+    "--gclip=0",
+    "--epochs=40",
+    "--human",
+    "--wd=0.0001",
+    "--bias-alpha=0.5",
+    "--first-layer-lr-mult=1.0",
+    "--last-layer-lr-mult=1.0",
+    "--gclip-per-param",
+    "--transfer",
+    "--transfer-milestones=0,5,10",
+]
 
 # Every flag of the reference command (../shared/reference-clis.md).
-REFERENCE_FLAGS = """--verbose --imagenet-data --cifar-data --save-dir --save-model --cuda --float --batch-size
---test-batch-size --lr --scheduler --lr-drop-ratio --gclip-drop-ratio --lr-drop-milestones --gclip-drop-milestones
---no-apply-lr-mult-to-wd --wd --gclip --gclip-per-param --layernorm --first-layer-lr-mult --last-layer-lr-mult
---bias-lr-mult --first-layer-alpha --bias-alpha --last-layer-alpha --depth --loss --r --init-from-data
---init-A-B-direct --gaussian-init --cycarr --human --width --epochs --quiet --seed --transfer --solve-kernel
---transfer-milestones""".split()
+REFERENCE_FLAGS = [
+    "--verbose",
+    "--imagenet-data",
+    "--cifar-data",
+    "--save-dir",
+    "--save-model",
+    "--cuda",
+    "--float",
+    "--batch-size",
+    "--test-batch-size",
+    "--lr",
+    "--scheduler",
+    "--lr-drop-ratio",
+    "--gclip-drop-ratio",
+    "--lr-drop-milestones",
+    "--gclip-drop-milestones",
+    "--no-apply-lr-mult-to-wd",
+    "--wd",
+    "--gclip",
+    "--gclip-per-param",
+    "--layernorm",
+    "--first-layer-lr-mult",
+    "--last-layer-lr-mult",
+    "--bias-lr-mult",
+    "--first-layer-alpha",
+    "--bias-alpha",
+    "--last-layer-alpha",
+    "--depth",
+    "--loss",
+    "--r",
+    "--init-from-data",
+    "--init-A-B-direct",
+    "--gaussian-init",
+    "--cycarr",
+    "--human",
+    "--width",
+    "--epochs",
+    "--quiet",
+    "--seed",
+    "--transfer",
+    "--solve-kernel",
+    "--transfer-milestones",
+]
 
 
 def test_transfer_flags_parse_as_the_reference():
@@ -339,30 +404,123 @@ def test_transfer_flags_parse_as_the_reference():
     assert set(REFERENCE_FLAGS) <= set(p._option_string_actions)
     d = p.parse_args([])
     # The reference's defaults; --width absent means the infinite net.
-    expect = dict(width=None, r=400, depth=2, batch_size=64, test_batch_size=64, lr=2.0, scheduler="none",
-                  lr_drop_ratio=0.5, gclip_drop_ratio=0.5, lr_drop_milestones=[], gclip_drop_milestones=[],
-                  apply_lr_mult_to_wd=True, wd=1e-4, gclip=0.2, gclip_per_param=False, layernorm=False,
-                  first_layer_lr_mult=0.1, last_layer_lr_mult=1.0, bias_lr_mult=0.5, first_layer_alpha=1.0,
-                  bias_alpha=1.0, last_layer_alpha=1.0, loss="xent", epochs=24, seed=1, transfer=False,
-                  solve_kernel=False, transfer_milestones=[], cifar_data="./dataset", save_dir="", float=False,
-                  cuda=False, save_model=False, verbose=False, human=False, quiet=False, cycarr=False,
-                  init_from_data=False, init_A_B_direct=False, gaussian_init=False)  # fmt: skip
+    expect = dict(
+        width=None,
+        r=400,
+        depth=2,
+        batch_size=64,
+        test_batch_size=64,
+        lr=2.0,
+        scheduler="none",
+        lr_drop_ratio=0.5,
+        gclip_drop_ratio=0.5,
+        lr_drop_milestones=[],
+        gclip_drop_milestones=[],
+        apply_lr_mult_to_wd=True,
+        wd=1e-4,
+        gclip=0.2,
+        gclip_per_param=False,
+        layernorm=False,
+        first_layer_lr_mult=0.1,
+        last_layer_lr_mult=1.0,
+        bias_lr_mult=0.5,
+        first_layer_alpha=1.0,
+        bias_alpha=1.0,
+        last_layer_alpha=1.0,
+        loss="xent",
+        epochs=24,
+        seed=1,
+        transfer=False,
+        solve_kernel=False,
+        transfer_milestones=[],
+        cifar_data="./dataset",
+        save_dir="",
+        float=False,
+        cuda=False,
+        save_model=False,
+        verbose=False,
+        human=False,
+        quiet=False,
+        cycarr=False,
+        init_from_data=False,
+        init_A_B_direct=False,
+        gaussian_init=False,
+    )
     assert {k: getattr(d, k) for k in expect} == expect
     assert d.imagenet_data == os.path.join("examples", "imagenet", "data")
-    a = p.parse_args(REFERENCE + ["--scheduler", "multistep", "--lr-drop-milestones", "30",
-                                  "--gclip-drop-milestones", "20,30", "--no-apply-lr-mult-to-wd", "--width", "512"])
-    got = {k: getattr(a, k) for k in ("save_dir", "save_model", "cuda", "r", "lr", "batch_size", "gclip", "epochs",
-                                      "human", "wd", "bias_alpha", "first_layer_lr_mult", "last_layer_lr_mult",
-                                      "gclip_per_param", "transfer", "transfer_milestones", "scheduler",
-                                      "lr_drop_milestones", "gclip_drop_milestones", "apply_lr_mult_to_wd", "width")}
-    assert got == dict(save_dir="./output/", save_model=True, cuda=True, r=200, lr=0.01, batch_size=16, gclip=0.0,
-                       epochs=40, human=True, wd=1e-4, bias_alpha=0.5, first_layer_lr_mult=1.0,
-                       last_layer_lr_mult=1.0, gclip_per_param=True, transfer=True, transfer_milestones=[0, 5, 10],
-                       scheduler="multistep", lr_drop_milestones=[30], gclip_drop_milestones=[20, 30],
-                       apply_lr_mult_to_wd=False, width=512)  # fmt: skip
+    a = p.parse_args(
+        REFERENCE
+        + [
+            "--scheduler",
+            "multistep",
+            "--lr-drop-milestones",
+            "30",
+            "--gclip-drop-milestones",
+            "20,30",
+            "--no-apply-lr-mult-to-wd",
+            "--width",
+            "512",
+        ]
+    )
+    got = {
+        k: getattr(a, k)
+        for k in (
+            "save_dir",
+            "save_model",
+            "cuda",
+            "r",
+            "lr",
+            "batch_size",
+            "gclip",
+            "epochs",
+            "human",
+            "wd",
+            "bias_alpha",
+            "first_layer_lr_mult",
+            "last_layer_lr_mult",
+            "gclip_per_param",
+            "transfer",
+            "transfer_milestones",
+            "scheduler",
+            "lr_drop_milestones",
+            "gclip_drop_milestones",
+            "apply_lr_mult_to_wd",
+            "width",
+        )
+    }
+    assert got == dict(
+        save_dir="./output/",
+        save_model=True,
+        cuda=True,
+        r=200,
+        lr=0.01,
+        batch_size=16,
+        gclip=0.0,
+        epochs=40,
+        human=True,
+        wd=1e-4,
+        bias_alpha=0.5,
+        first_layer_lr_mult=1.0,
+        last_layer_lr_mult=1.0,
+        gclip_per_param=True,
+        transfer=True,
+        transfer_milestones=[0, 5, 10],
+        scheduler="multistep",
+        lr_drop_milestones=[30],
+        gclip_drop_milestones=[20, 30],
+        apply_lr_mult_to_wd=False,
+        width=512,
+    )
     a.gclip = 0.4
     a.gclip_drop_ratio = 0.5
-    assert [transfer_imagenet._gclip_at(a, e) for e in (0, 19, 20, 29, 30, 40)] == [0.4, 0.4, 0.2, 0.2, 0.1, 0.1]
+    assert [transfer_imagenet._gclip_at(a, e) for e in (0, 19, 20, 29, 30, 40)] == [
+        0.4,
+        0.4,
+        0.2,
+        0.2,
+        0.1,
+        0.1,
+    ]
 
 
 def _recompute_transfer(net, cifar_root, ridges, method="inverse"):
@@ -379,9 +537,29 @@ def test_transfer_command_end_to_end_with_milestones(tiny_data, capsys):
     root, n_train = tiny_data
     out = str(root / "out")
     # Later flags win in argparse: the reference command, small, on CPU, our paths.
-    small = ["--r", "8", "--depth", "1", "--epochs", "2", "--float64", "--batch-size", "8", "--transfer-milestones",
-             "0,2", "--transfer-ridges", "1e-4,1e-8", "--kernel-block-size", "16", "--save-dir", out,
-             "--imagenet-data", str(root / "imagenet"), "--cifar-data", str(root / "cifar")]  # fmt: skip
+    small = [
+        "--r",
+        "8",
+        "--depth",
+        "1",
+        "--epochs",
+        "2",
+        "--float64",
+        "--batch-size",
+        "8",
+        "--transfer-milestones",
+        "0,2",
+        "--transfer-ridges",
+        "1e-4,1e-8",
+        "--kernel-block-size",
+        "16",
+        "--save-dir",
+        out,
+        "--imagenet-data",
+        str(root / "imagenet"),
+        "--cifar-data",
+        str(root / "cifar"),
+    ]
     argv = [a for a in REFERENCE if a not in ("--cuda", "--human")] + small
     res = transfer_imagenet.main(argv)
     stdout = capsys.readouterr().out
@@ -399,7 +577,9 @@ def test_transfer_command_end_to_end_with_milestones(tiny_data, capsys):
     # the initialisation (epoch 0: the same seed rebuilds it).
     accs = _recompute_transfer(model, str(root / "cifar"), [1e-4, 1e-8])
     assert [float(r["transfer_acc"]) for r in tr[2:]] == pytest.approx(accs, abs=1e-12)
-    init = res["model"].__class__.from_state_dict(torch.load(os.path.join(out, "model.pt"), weights_only=True))
+    init = res["model"].__class__.from_state_dict(
+        torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    )
     init.reset_parameters(torch.Generator().manual_seed(1))  # --seed 1 (the reference default)
     accs0 = _recompute_transfer(init, str(root / "cifar"), [1e-4, 1e-8])
     assert [float(r["transfer_acc"]) for r in tr[:2]] == pytest.approx(accs0, abs=1e-12)
@@ -408,26 +588,71 @@ def test_transfer_command_end_to_end_with_milestones(tiny_data, capsys):
     with Image.open(os.path.join(out, "curves.png")) as im:
         im.verify()
     # A saved model evaluated with --test --transfer (the reference's "load a trained net, milestone 0").
-    test = transfer_imagenet.main(["--test", "--model-path", os.path.join(out, "model.pt"), "--transfer",
-                                   "--solve-kernel", "--transfer-ridges", "1e-4", "--imagenet-data",
-                                   str(root / "imagenet"), "--cifar-data", str(root / "cifar")])  # fmt: skip
+    test = transfer_imagenet.main(
+        [
+            "--test",
+            "--model-path",
+            os.path.join(out, "model.pt"),
+            "--transfer",
+            "--solve-kernel",
+            "--transfer-ridges",
+            "1e-4",
+            "--imagenet-data",
+            str(root / "imagenet"),
+            "--cifar-data",
+            str(root / "cifar"),
+        ]
+    )
     assert test["transfer_acc"] == pytest.approx(accs[:1], abs=1e-12)
 
 
 def test_transfer_resume_and_finite_width(tiny_data):
     root, _ = tiny_data
-    common = ["--r", "8", "--depth", "1", "--epochs", "2", "--float64", "--batch-size", "8", "--quiet", "--transfer",
-              "--transfer-milestones", "1,2", "--imagenet-data", str(root / "imagenet"), "--cifar-data",
-              str(root / "cifar"), "--imagenet-classes", "1,5,9,997", "--width", "16"]  # fmt: skip
+    common = [
+        "--r",
+        "8",
+        "--depth",
+        "1",
+        "--epochs",
+        "2",
+        "--float64",
+        "--batch-size",
+        "8",
+        "--quiet",
+        "--transfer",
+        "--transfer-milestones",
+        "1,2",
+        "--imagenet-data",
+        str(root / "imagenet"),
+        "--cifar-data",
+        str(root / "cifar"),
+        "--imagenet-classes",
+        "1,5,9,997",
+        "--width",
+        "16",
+    ]
     a = transfer_imagenet.main(common + ["--save-dir", str(root / "a")])
     transfer_imagenet.main(common + ["--save-dir", str(root / "b"), "--stop-after", "1"])
-    b = transfer_imagenet.main(["--resume", str(root / "b" / "checkpoint.pt"), "--quiet", "--transfer",
-                                "--transfer-milestones", "1,2", "--imagenet-data", str(root / "imagenet"),
-                                "--cifar-data", str(root / "cifar")])  # fmt: skip
+    b = transfer_imagenet.main(
+        [
+            "--resume",
+            str(root / "b" / "checkpoint.pt"),
+            "--quiet",
+            "--transfer",
+            "--transfer-milestones",
+            "1,2",
+            "--imagenet-data",
+            str(root / "imagenet"),
+            "--cifar-data",
+            str(root / "cifar"),
+        ]
+    )
     assert isinstance(a["model"], pinet.FinPiMLP) and a["model"].d_out == 4
-    key = lambda h: [(r["epoch"], r["train_loss"], r["test_acc"]) for r in h]  # noqa: E731
+    key = lambda h: [(r["epoch"], r["train_loss"], r["test_acc"]) for r in h]
     assert key(a["history"]) == key(b["history"])
-    assert [(t["epoch"], t["acc"]) for t in a["transfers"]] == [(t["epoch"], t["acc"]) for t in b["transfers"]]
+    assert [(t["epoch"], t["acc"]) for t in a["transfers"]] == [
+        (t["epoch"], t["acc"]) for t in b["transfers"]
+    ]
 
 
 def test_restricted_loader_rejects_a_pickle_that_carries_code(tiny_data, capsys):
@@ -470,20 +695,41 @@ def test_missing_data_and_refused_flags_are_one_line_errors(tiny_data, capsys):
         return err
 
     err = err_of(["--imagenet-data", str(root / "nowhere"), "--float"])
-    assert str(root / "nowhere") in err and "train_data_batch_1" in err and "val_data" in err and "--imagenet-data" in err
+    assert (
+        str(root / "nowhere") in err
+        and "train_data_batch_1" in err
+        and "val_data" in err
+        and "--imagenet-data" in err
+    )
     os.remove(root / "imagenet" / "val_data")
     err = err_of(["--imagenet-data", str(root / "imagenet"), "--float"])
     assert "lacks val_data" in err
     _write_imagenet32(root / "imagenet")
-    err = err_of(["--imagenet-data", str(root / "imagenet"), "--cifar-data", str(root / "nocifar"), "--transfer",
-                  "--r", "8", "--epochs", "1", "--float"])  # fmt: skip
+    err = err_of(
+        [
+            "--imagenet-data",
+            str(root / "imagenet"),
+            "--cifar-data",
+            str(root / "nocifar"),
+            "--transfer",
+            "--r",
+            "8",
+            "--epochs",
+            "1",
+            "--float",
+        ]
+    )
     assert "CIFAR-10 not found" in err and "data_batch_1" in err and "--cifar-data" in err
     assert "not implemented" in err_of(["--gaussian-init", "--width", "64"])
-    assert "after --epochs 2" in err_of(["--transfer", "--transfer-milestones", "5", "--epochs", "2"], usage=True)
+    assert "after --epochs 2" in err_of(
+        ["--transfer", "--transfer-milestones", "5", "--epochs", "2"], usage=True
+    )
     assert "only used with --transfer" in err_of(["--transfer-milestones", "0"], usage=True)
     assert "--width" in err_of(["--width", "0"], usage=True)
     (root / "afile").write_text("")
-    assert "not a directory" in err_of(["--save-dir", str(root / "afile"), "--imagenet-data", str(root / "imagenet")])
+    assert "not a directory" in err_of(
+        ["--save-dir", str(root / "afile"), "--imagenet-data", str(root / "imagenet")]
+    )
     torch.save({"format": 1, "args": {}, "transfers": []}, root / "bad.pt")
     assert "cannot be resumed" in err_of(["--resume", str(root / "bad.pt")])
 
@@ -493,15 +739,38 @@ def test_transfer_demo_table(tmp_path, capsys):
     from experiments import transfer_demo
 
     out = tmp_path / "demo.md"
-    table = transfer_demo.main(("--seeds 2 --epochs 1 --r 16 --widths 32,64 --trained-width 32 --mlp-width 32 "
-                                "--no-progress --out").split() + [str(out)])  # fmt: skip
+    table = transfer_demo.main(
+        [
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--r",
+            "16",
+            "--widths",
+            "32,64",
+            "--trained-width",
+            "32",
+            "--mlp-width",
+            "32",
+            "--no-progress",
+            "--out",
+        ]
+        + [str(out)]
+    )
     assert out.read_text() == table and table in capsys.readouterr().out
     lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     methods = [line.split("|")[1].strip() for line in lines]
-    assert methods == ["π-limit, pretrained", "π-limit, untrained (same init)",
-                       "finite π-net sampled from the pretrained π-limit",
-                       "finite π-net sampled from the pretrained π-limit", "finite π-net, pretrained",
-                       "μP MLP, pretrained (no projection)", "NNGP kernel", "NTK kernel"]  # fmt: skip
+    assert methods == [
+        "π-limit, pretrained",
+        "π-limit, untrained (same init)",
+        "finite π-net sampled from the pretrained π-limit",
+        "finite π-net sampled from the pretrained π-limit",
+        "finite π-net, pretrained",
+        "μP MLP, pretrained (no projection)",
+        "NNGP kernel",
+        "NTK kernel",
+    ]
     for line in lines:
         for cell in line.split("|")[3:5]:
             mean, std = cell.split("±")
@@ -522,7 +791,9 @@ def test_custom_net_sampled_by_pinet_sample():
     for w in (256, 4096):
         errs[w] = _geo_mean(
             _rel(pinet.feature_kernel(fin, x, layer=fin.head_b), K)
-            for fin in (pinet.sample(net, w, generator=torch.Generator().manual_seed(10 * w + j)) for j in range(4))
+            for fin in (
+                pinet.sample(net, w, generator=torch.Generator().manual_seed(10 * w + j)) for j in range(4)
+            )
         )
     assert errs[256] / errs[4096] >= 16**0.35, errs
     fin = pinet.sample(net, 256, generator=torch.Generator().manual_seed(0))

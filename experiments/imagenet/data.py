@@ -26,20 +26,20 @@ from torch import Tensor
 from experiments.common import CLIError
 
 __all__ = [
-    "RestrictedUnpickler",
-    "UnsafePickleError",
-    "restricted_load",
-    "read_batch",
-    "IMAGENET_TRAIN_FILES",
-    "IMAGENET_VAL_FILE",
     "CIFAR_FILES",
     "DEFAULT_CLASSES",
+    "IMAGENET_TRAIN_FILES",
+    "IMAGENET_VAL_FILE",
     "MEAN",
     "STD",
-    "load_imagenet32",
-    "load_cifar10",
-    "normalize",
+    "RestrictedUnpickler",
     "Uint8Data",
+    "UnsafePickleError",
+    "load_cifar10",
+    "load_imagenet32",
+    "normalize",
+    "read_batch",
+    "restricted_load",
 ]
 
 IMAGENET_TRAIN_FILES = [f"train_data_batch_{i}" for i in range(1, 11)]
@@ -76,8 +76,10 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise UnsafePickleError(f"forbidden global {module}.{name} (only numpy arrays, lists, dicts, numbers "
-                                "and strings are read)")  # fmt: skip
+        raise UnsafePickleError(
+            f"forbidden global {module}.{name} (only numpy arrays, lists, dicts, numbers "
+            "and strings are read)"
+        )
 
 
 def restricted_load(path: str):
@@ -108,7 +110,9 @@ def read_batch(path: str, *, label_base: int) -> tuple[np.ndarray, np.ndarray]:
     except UnsafePickleError as e:
         raise CLIError(f"refusing to read {path}: its pickle carries code ({e})") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CLIError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise CLIError(
+            f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if not isinstance(obj, dict):
         raise CLIError(f"{path}: expected a pickled dict with 'data' and 'labels', got {type(obj).__name__}")
     obj = {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -117,8 +121,10 @@ def read_batch(path: str, *, label_base: int) -> tuple[np.ndarray, np.ndarray]:
     X = np.asarray(obj["data"])
     y = np.asarray(obj["labels"]).astype(np.int64).reshape(-1) - label_base
     if X.dtype != np.uint8 or X.ndim != 2 or X.shape[1] != 3072 or X.shape[0] != y.shape[0]:
-        raise CLIError(f"{path}: 'data' must be (N, 3072) uint8 with one label per row, got {X.dtype} "
-                       f"{X.shape} and {y.shape[0]} labels")  # fmt: skip
+        raise CLIError(
+            f"{path}: 'data' must be (N, 3072) uint8 with one label per row, got {X.dtype} "
+            f"{X.shape} and {y.shape[0]} labels"
+        )
     return X, y
 
 
@@ -143,8 +149,10 @@ def parse_classes(text: str | None) -> tuple[int, ...]:
     try:
         ids = sorted({int(t) for t in src.replace(",", " ").split()})
     except ValueError:
-        raise CLIError(f"--imagenet-classes: expected 'all', comma-separated class ids 1..1000 or a file of them, "
-                       f"got {text!r}") from None  # fmt: skip
+        raise CLIError(
+            f"--imagenet-classes: expected 'all', comma-separated class ids 1..1000 or a file of them, "
+            f"got {text!r}"
+        ) from None
     if not ids or ids[0] < 1 or ids[-1] > 1000:
         raise CLIError(f"--imagenet-classes: class ids must be in 1..1000, got {text!r}")
     return tuple(ids)
@@ -156,8 +164,10 @@ def load_imagenet32(
     """The ImageNet32 training and validation rows of ``classes`` (1-based ids): ``(X_train (N, 3072)
     uint8, y_train (N,), X_val, y_val)``, labels renumbered ``0..len(classes)-1`` in id order. Rows
     of other classes are dropped batch by batch, so memory is that of the kept rows."""
-    hint = "ImageNet32 batches " + ", ".join(IMAGENET_TRAIN_FILES[:2]) + ", …, train_data_batch_10 and val_data " \
-        "(pickled dicts, or the same names with .npz)"  # fmt: skip
+    hint = (
+        "ImageNet32 batches " + ", ".join(IMAGENET_TRAIN_FILES[:2]) + ", …, train_data_batch_10 and val_data "
+        "(pickled dicts, or the same names with .npz)"
+    )
     _missing(folder, IMAGENET_TRAIN_FILES + [IMAGENET_VAL_FILE], "ImageNet32", "--imagenet-data", hint)
     lut = np.full(1000, -1, dtype=np.int64)
     lut[np.asarray(classes) - 1] = np.arange(len(classes))
@@ -217,7 +227,10 @@ class Uint8Data:
 
     def __init__(self, name: str, X_train, y_train, X_test, y_test, num_classes: int) -> None:
         self.name = name
-        self.X_train, self.X_test = torch.from_numpy(np.ascontiguousarray(X_train)), torch.from_numpy(np.ascontiguousarray(X_test))
+        self.X_train, self.X_test = (
+            torch.from_numpy(np.ascontiguousarray(X_train)),
+            torch.from_numpy(np.ascontiguousarray(X_test)),
+        )
         self.y_train, self.y_test = torch.from_numpy(y_train).long(), torch.from_numpy(y_test).long()
         self.d_in, self.d_out = 3072, num_classes
         self.n_train, self.n_test = self.X_train.shape[0], self.X_test.shape[0]

@@ -32,10 +32,30 @@ import torch
 
 import pinet
 from experiments.common import (
-    CHECKPOINT_FORMAT, CLIError, _CHANGEABLE, _CLI_ONLY, _load, _plain_args, _rng_state, _save, _set_rng_state,
-    add_training_args, build_model, build_optimizer, check_training_args, evaluate, format_header, format_row,
-    load_model_file, make_loss, precision, resolve_device, rows_per_layer, train_epoch, write_csv,
-)  # fmt: skip
+    _CHANGEABLE,
+    _CLI_ONLY,
+    CHECKPOINT_FORMAT,
+    CLIError,
+    _load,
+    _plain_args,
+    _rng_state,
+    _save,
+    _set_rng_state,
+    add_training_args,
+    build_model,
+    build_optimizer,
+    check_training_args,
+    evaluate,
+    format_header,
+    format_row,
+    load_model_file,
+    make_loss,
+    precision,
+    resolve_device,
+    rows_per_layer,
+    train_epoch,
+    write_csv,
+)
 from experiments.imagenet.data import Uint8Data, load_cifar10, load_imagenet32, normalize, parse_classes
 from pinet.baselines import accuracy, kernel_ridge, one_hot_targets
 from pinet.features import features, kernel_from_features
@@ -43,27 +63,50 @@ from pinet.hooks import ClipGradNorm
 
 # The reference command's defaults (../shared/reference-clis.md).
 DEFAULTS = dict(
-    width=None, r=400, depth=2, batch_size=64, test_batch_size=64, epochs=24, lr=2.0, wd=1e-4, gclip=0.2,
-    first_layer_lr_mult=0.1, last_layer_lr_mult=1.0, bias_lr_mult=0.5, save_dir="",
-)  # fmt: skip
+    width=None,
+    r=400,
+    depth=2,
+    batch_size=64,
+    test_batch_size=64,
+    epochs=24,
+    lr=2.0,
+    wd=1e-4,
+    gclip=0.2,
+    first_layer_lr_mult=0.1,
+    last_layer_lr_mult=1.0,
+    bias_lr_mult=0.5,
+    save_dir="",
+)
 
 # Unsupported reference flags: accepted by the parser (so reference command lines parse), refused
 # when set, because their reference behaviour is not part of the spec pinet implements.
 _REFUSED = {
     "init_from_data": "--init-from-data (the reference's data-dependent initialisation of the infinite net) is not "
-                      "implemented; pinet initialises as the spec",
+    "implemented; pinet initialises as the spec",
     "init_A_B_direct": "--init-A-B-direct (fitting A and B of the initialisation by gradient descent) is not "
-                       "implemented; pinet initialises as the spec",
+    "implemented; pinet initialises as the spec",
     "gaussian_init": "--gaussian-init (a finite net with iid Gaussian weights instead of a sample of the infinite "
-                     "net) is not implemented for π-nets; pinet.baselines.MLP is that network without projection",
-}  # fmt: skip
+    "net) is not implemented for π-nets; pinet.baselines.MLP is that network without projection",
+}
 
 # What a checkpoint.pt of this command holds for an exact resume (checked before anything loads).
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "history", "transfers", "epoch")
 
-_TRANSFER_CLI_ONLY = {"imagenet_data", "cifar_data", "quiet", "verbose", "human", "transfer", "transfer_milestones",
-                      "transfer_ridges", "solve_kernel", "transfer_train_subset", "transfer_test_subset",
-                      "kernel_block_size", "cycarr"}  # fmt: skip
+_TRANSFER_CLI_ONLY = {
+    "imagenet_data",
+    "cifar_data",
+    "quiet",
+    "verbose",
+    "human",
+    "transfer",
+    "transfer_milestones",
+    "transfer_ridges",
+    "solve_kernel",
+    "transfer_train_subset",
+    "transfer_test_subset",
+    "kernel_block_size",
+    "cycarr",
+}
 
 
 def _epochs_list(text: str) -> list[int]:
@@ -72,7 +115,9 @@ def _epochs_list(text: str) -> list[int]:
     try:
         out = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like '0,5,10', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated epochs like '0,5,10', got {text!r}"
+        ) from None
     if any(m < 0 for m in out) or out != sorted(set(out)):
         raise argparse.ArgumentTypeError(f"epochs must be increasing and >= 0, got {text!r}")
     return out
@@ -82,7 +127,9 @@ def _floats(text: str) -> list[float]:
     try:
         out = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like '1e-4,1e-8', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like '1e-4,1e-8', got {text!r}"
+        ) from None
     if not out or any(not math.isfinite(v) or v < 0 for v in out):
         raise argparse.ArgumentTypeError(f"ridges must be finite and >= 0, got {text!r}")
     return out
@@ -101,42 +148,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(seed=1)  # the reference's default seed
     data = p.add_argument_group("data")
     arg = data.add_argument
-    arg("--imagenet-data", type=str, default=os.path.join("examples", "imagenet", "data"),
+    arg(
+        "--imagenet-data",
+        type=str,
+        default=os.path.join("examples", "imagenet", "data"),
         help="folder with ImageNet32's train_data_batch_1..10 and val_data (pickled dicts with 'data' (N, 3072) "
-             "uint8 and 1-based 'labels', or the same names with .npz)")
-    arg("--cifar-data", type=str, default="./dataset",
-        help="folder containing cifar-10-batches-py/ (CIFAR-10's python batches)")
-    arg("--imagenet-classes", type=str, default=None,
+        "uint8 and 1-based 'labels', or the same names with .npz)",
+    )
+    arg(
+        "--cifar-data",
+        type=str,
+        default="./dataset",
+        help="folder containing cifar-10-batches-py/ (CIFAR-10's python batches)",
+    )
+    arg(
+        "--imagenet-classes",
+        type=str,
+        default=None,
         help="the ImageNet classes trained on: comma-separated 1-based ids, a file of them, or 'all'; default "
-             "the fixed 250 ids 1, 5, 9, ..., 997 (the reference's own list is not published with it)")
+        "the fixed 250 ids 1, 5, 9, ..., 997 (the reference's own list is not published with it)",
+    )
     tr = p.add_argument_group("transfer (kernel ridge regression with the feature kernel on CIFAR-10)")
     arg = tr.add_argument
     arg("--transfer", action="store_true", help="evaluate CIFAR-10 transfer at --transfer-milestones")
-    arg("--transfer-milestones", type=_epochs_list, default=[],
+    arg(
+        "--transfer-milestones",
+        type=_epochs_list,
+        default=[],
         help="comma-separated epochs at which the transfer accuracy is evaluated, 0 = before training (default "
-             "with --transfer: after the last epoch)")
-    arg("--solve-kernel", action="store_true",
-        help="solve (K + λI) α = Y with torch.linalg.solve instead of forming the inverse (the reference's default)")
-    arg("--transfer-ridges", type=_floats, default=[1e-4],
-        help="ridges λ (absolute, K + λI), comma-separated; each milestone reports every one (the first in log.csv)")
-    arg("--transfer-train-subset", type=int, default=None, help="use only the first N CIFAR-10 training images")
+        "with --transfer: after the last epoch)",
+    )
+    arg(
+        "--solve-kernel",
+        action="store_true",
+        help="solve (K + λI) α = Y with torch.linalg.solve instead of forming the inverse (the reference's default)",
+    )
+    arg(
+        "--transfer-ridges",
+        type=_floats,
+        default=[1e-4],
+        help="ridges λ (absolute, K + λI), comma-separated; each milestone reports every one (the first in log.csv)",
+    )
+    arg(
+        "--transfer-train-subset",
+        type=int,
+        default=None,
+        help="use only the first N CIFAR-10 training images",
+    )
     arg("--transfer-test-subset", type=int, default=None, help="use only the first N CIFAR-10 test images")
-    arg("--kernel-block-size", type=int, default=2048,
-        help="rows per block of the feature kernel (memory: block x M per forward block)")
+    arg(
+        "--kernel-block-size",
+        type=int,
+        default=2048,
+        help="rows per block of the feature kernel (memory: block x M per forward block)",
+    )
     ref = p.add_argument_group("other reference flags")
     arg = ref.add_argument
     arg("--verbose", action="store_true", help="print data and kernel details")
     arg("--human", action="store_true", help="human-friendly output: tqdm bars for epochs and kernels")
     arg("--quiet", action="store_true", help="print nothing but errors")
-    arg("--cycarr", action="store_true",
+    arg(
+        "--cycarr",
+        action="store_true",
         help="accepted for the reference's command lines; pinet has one π-row storage (PiState, amortised "
-             "growth), so it changes nothing")
-    arg("--gclip-drop-ratio", type=float, default=0.5,
-        help="with --scheduler multistep, --gclip is multiplied by this at each of --gclip-drop-milestones")
-    arg("--gclip-drop-milestones", type=_epochs_list, default=[],
-        help="comma-separated epochs after which --gclip is multiplied by --gclip-drop-ratio")
-    for flag, dest in (("--init-from-data", "init_from_data"), ("--init-A-B-direct", "init_A_B_direct"),
-                       ("--gaussian-init", "gaussian_init")):  # fmt: skip
+        "growth), so it changes nothing",
+    )
+    arg(
+        "--gclip-drop-ratio",
+        type=float,
+        default=0.5,
+        help="with --scheduler multistep, --gclip is multiplied by this at each of --gclip-drop-milestones",
+    )
+    arg(
+        "--gclip-drop-milestones",
+        type=_epochs_list,
+        default=[],
+        help="comma-separated epochs after which --gclip is multiplied by --gclip-drop-ratio",
+    )
+    for flag, dest in (
+        ("--init-from-data", "init_from_data"),
+        ("--init-A-B-direct", "init_A_B_direct"),
+        ("--gaussian-init", "gaussian_init"),
+    ):
         arg(flag, dest=dest, action="store_true", help="reference flag, not implemented (an error if given)")
     return p
 
@@ -160,9 +253,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         bad("--transfer-milestones", "only used with --transfer")
     if args.transfer_milestones and args.transfer_milestones[-1] > args.epochs:
         bad("--transfer-milestones", f"epoch {args.transfer_milestones[-1]} is after --epochs {args.epochs}")
-    for flag, v in (("--transfer-train-subset", args.transfer_train_subset),
-                    ("--transfer-test-subset", args.transfer_test_subset),
-                    ("--kernel-block-size", args.kernel_block_size)):  # fmt: skip
+    for flag, v in (
+        ("--transfer-train-subset", args.transfer_train_subset),
+        ("--transfer-test-subset", args.transfer_test_subset),
+        ("--kernel-block-size", args.kernel_block_size),
+    ):
         if v is not None and v < 1:
             bad(flag, f"must be a positive integer, got {v}")
     if args.quiet and (args.verbose or args.human):
@@ -184,8 +279,10 @@ def _merge_resume(parser, args, saved: dict) -> argparse.Namespace:
             explicit = False
         if explicit and new != old:
             flag = "--" + key.replace("_", "-")
-            raise CLIError(f"{flag} {new} conflicts with the checkpoint ({flag} {old}); a resumed run keeps its "
-                           "training flags (only --epochs, --save-dir, data, transfer and output flags may change)")
+            raise CLIError(
+                f"{flag} {new} conflicts with the checkpoint ({flag} {old}); a resumed run keeps its "
+                "training flags (only --epochs, --save-dir, data, transfer and output flags may change)"
+            )
         setattr(merged, key, old)
     if not (args.save_dir and args.save_dir != parser.get_default("save_dir")):
         merged.save_dir = os.path.dirname(os.path.abspath(args.resume))
@@ -210,8 +307,10 @@ class Transfer:
         self.human = args.human
         self.say = say
         self.verbose = args.verbose
-        say(f"CIFAR-10 transfer: {len(self.ytr)} train / {len(self.yte)} test images, ridges "
-            f"{', '.join(f'{r:g}' for r in self.ridges)}, {self.method}")  # fmt: skip
+        say(
+            f"CIFAR-10 transfer: {len(self.ytr)} train / {len(self.yte)} test images, ridges "
+            f"{', '.join(f'{r:g}' for r in self.ridges)}, {self.method}"
+        )
 
     def _bar(self, desc):
         if not self.human:
@@ -259,8 +358,10 @@ class Transfer:
         accs = accuracy(pred, self.yte)
         dt = time.perf_counter() - t0
         if self.verbose:
-            self.say(f"  kernels {tuple(K.shape)} and {tuple(Kt.shape)} in {t1 - t0:.1f}s, solves in "
-                     f"{dt - (t1 - t0):.1f}s")  # fmt: skip
+            self.say(
+                f"  kernels {tuple(K.shape)} and {tuple(Kt.shape)} in {t1 - t0:.1f}s, solves in "
+                f"{dt - (t1 - t0):.1f}s"
+            )
         return {"acc": accs, "seconds": dt}
 
 
@@ -337,7 +438,9 @@ def run(args, data, device, *, checkpoint=None) -> dict:
     model = build_model(args, data.d_in, data.d_out, device)
     kind = f"finite π-MLP, width {args.width}" if args.width else "infinite π-MLP"
     opt, sched = build_optimizer(args, model)
-    clip = next((h for h in opt.hooks if isinstance(h, ClipGradNorm)), None) if hasattr(opt, "hooks") else None
+    clip = (
+        next((h for h in opt.hooks if isinstance(h, ClipGradNorm)), None) if hasattr(opt, "hooks") else None
+    )
     loss_fn = make_loss(args.loss, data.d_out)
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     history: list[dict] = []
@@ -366,9 +469,12 @@ def run(args, data, device, *, checkpoint=None) -> dict:
     save_dir = args.save_dir
     if save_dir:
         os.makedirs(save_dir, exist_ok=True)
-    say(f"{kind}: r={args.r}, depth={args.depth} hidden π-layer(s), {data.name}: {data.n_train} train / "
+    say(
+        f"{kind}: r={args.r}, depth={args.depth} hidden π-layer(s), {data.name}: {data.n_train} train / "
         f"{data.n_test} val, {data.d_out} classes, {compute}"
-        + (f" (π-rows {storage})" if rows_per_layer(model) and storage != compute else "") + f", {device}")  # fmt: skip
+        + (f" (π-rows {storage})" if rows_per_layer(model) and storage != compute else "")
+        + f", {device}"
+    )
     if args.cycarr:
         say("note: --cycarr changes nothing in pinet (one π-row storage)")
     if start:
@@ -385,10 +491,16 @@ def run(args, data, device, *, checkpoint=None) -> dict:
         if not save_dir:
             return
         ckpt = {
-            "format": CHECKPOINT_FORMAT, "args": _plain_args(args), "epoch": epoch, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
-            "rng": _rng_state(data_gen), "history": history, "transfers": transfers,
-        }  # fmt: skip
+            "format": CHECKPOINT_FORMAT,
+            "args": _plain_args(args),
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "rng": _rng_state(data_gen),
+            "history": history,
+            "transfers": transfers,
+        }
         _save(ckpt, os.path.join(save_dir, "checkpoint.pt"))
         if args.save_model:
             _save(model.state_dict(), os.path.join(save_dir, "model.pt"))
@@ -415,13 +527,27 @@ def run(args, data, device, *, checkpoint=None) -> dict:
         if args.human:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
-                       file=sys.stderr)  # fmt: skip
+            bar = tqdm(
+                total=steps,
+                desc=f"epoch {epoch + 1}/{args.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         try:
-            tr = train_epoch(model, data.train_batches(args.batch_size, data_gen), opt, loss_fn, device=device,
-                             dtype=compute, progress=bar)  # fmt: skip
+            tr = train_epoch(
+                model,
+                data.train_batches(args.batch_size, data_gen),
+                opt,
+                loss_fn,
+                device=device,
+                dtype=compute,
+                progress=bar,
+            )
         except FloatingPointError as e:
-            raise CLIError(f"training diverged in epoch {epoch + 1}, {e}; lower --lr or clip with --gclip") from None
+            raise CLIError(
+                f"training diverged in epoch {epoch + 1}, {e}; lower --lr or clip with --gclip"
+            ) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -431,19 +557,34 @@ def run(args, data, device, *, checkpoint=None) -> dict:
         dt = time.perf_counter() - t0
         elapsed += dt
         row = {
-            "epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "test_loss": te["loss"],
-            "test_acc": te["acc"], "lr": lr, "grad_norm": tr["grad_norm"], "rows": rows_per_layer(model),
-            "epoch_time": dt, "elapsed": elapsed,
-        }  # fmt: skip
+            "epoch": epoch + 1,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "test_loss": te["loss"],
+            "test_acc": te["acc"],
+            "lr": lr,
+            "grad_norm": tr["grad_norm"],
+            "rows": rows_per_layer(model),
+            "epoch_time": dt,
+            "elapsed": elapsed,
+        }
         history.append(row)
         say(format_row(row))
         if epoch + 1 in milestones and epoch + 1 not in done:
             transfer_at(epoch + 1)
         save(epoch + 1)
     if save_dir and (history or transfers):
-        plot(history, transfers, os.path.join(save_dir, "curves.png"), f"{kind} on ImageNet32 ({data.d_out} classes)")
-        files = "log.csv, curves.png, checkpoint.pt" + (", transfer.csv" if args.transfer else "") + (
-            ", model.pt" if args.save_model else "")  # fmt: skip
+        plot(
+            history,
+            transfers,
+            os.path.join(save_dir, "curves.png"),
+            f"{kind} on ImageNet32 ({data.d_out} classes)",
+        )
+        files = (
+            "log.csv, curves.png, checkpoint.pt"
+            + (", transfer.csv" if args.transfer else "")
+            + (", model.pt" if args.save_model else "")
+        )
         say(f"wrote {files} in {save_dir} (resume with --resume {os.path.join(save_dir, 'checkpoint.pt')})")
     return {"history": history, "transfers": transfers, "model": model}
 
@@ -456,7 +597,9 @@ def _imagenet(args, say) -> Uint8Data:
     if args.test_subset:
         Xva, yva = Xva[: args.test_subset], yva[: args.test_subset]
     if args.verbose:
-        say(f"ImageNet32: {len(classes)} classes, {len(ytr)} train / {len(yva)} val rows from {args.imagenet_data}")
+        say(
+            f"ImageNet32: {len(classes)} classes, {len(ytr)} train / {len(yva)} val rows from {args.imagenet_data}"
+        )
     return Uint8Data(f"ImageNet32 ({len(classes)} classes)", Xtr, ytr, Xva, yva, num_classes=len(classes))
 
 
@@ -474,11 +617,17 @@ def main(argv: list[str] | None = None) -> dict | None:
             if not os.path.isfile(args.resume):
                 parser.error(f"argument --resume: no such checkpoint file: {args.resume}")
             checkpoint = _load(args.resume, "checkpoint")
-            if checkpoint.get("format") != CHECKPOINT_FORMAT or "args" not in checkpoint or "transfers" not in checkpoint:
+            if (
+                checkpoint.get("format") != CHECKPOINT_FORMAT
+                or "args" not in checkpoint
+                or "transfers" not in checkpoint
+            ):
                 raise CLIError(f"{args.resume} is not a checkpoint.pt written by this command")
             missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]
             if missing:
-                raise CLIError(f"{args.resume} has no {', '.join(map(repr, missing))} entry: it cannot be resumed exactly")
+                raise CLIError(
+                    f"{args.resume} has no {', '.join(map(repr, missing))} entry: it cannot be resumed exactly"
+                )
             args = _merge_resume(parser, args, checkpoint["args"])
         _check(parser, args)
         if args.save_dir and os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
@@ -497,17 +646,25 @@ def main(argv: list[str] | None = None) -> dict | None:
                 model = load_model_file(args.model_path, device=device)
                 data = _imagenet(args, say)
                 if model.d_in != data.d_in or model.d_out != data.d_out:
-                    raise CLIError(f"the model in {args.model_path} maps {model.d_in} -> {model.d_out} but ImageNet32 "
-                                   f"here has {data.d_in} features and {data.d_out} classes")  # fmt: skip
+                    raise CLIError(
+                        f"the model in {args.model_path} maps {model.d_in} -> {model.d_out} but ImageNet32 "
+                        f"here has {data.d_in} features and {data.d_out} classes"
+                    )
                 loss_fn = make_loss(args.loss, data.d_out)
                 first = model.layers[0]
                 dtype = first.A.dtype if hasattr(first, "A") else first.weight.dtype
-                res = evaluate(model, data.test_batches(args.test_batch_size), loss_fn, device=device, dtype=dtype)
-                say(f"test: loss {res['loss']:.4f}, accuracy {100 * res['acc']:.2f}% ({res['correct']}/{res['n']}), "
-                    f"model {args.model_path}")  # fmt: skip
+                res = evaluate(
+                    model, data.test_batches(args.test_batch_size), loss_fn, device=device, dtype=dtype
+                )
+                say(
+                    f"test: loss {res['loss']:.4f}, accuracy {100 * res['acc']:.2f}% ({res['correct']}/{res['n']}), "
+                    f"model {args.model_path}"
+                )
                 if args.transfer:
                     out = Transfer(args, device, say)(model)
-                    accs = ", ".join(f"λ={lam:g}: {100 * a:.2f}%" for lam, a in zip(args.transfer_ridges, out["acc"]))
+                    accs = ", ".join(
+                        f"λ={lam:g}: {100 * a:.2f}%" for lam, a in zip(args.transfer_ridges, out["acc"])
+                    )
                     say(f"transfer: CIFAR-10 accuracy {accs}")
                     res["transfer_acc"] = out["acc"]
                 return res
