@@ -31,7 +31,11 @@ whole state; step temporaries grow as O(b × M); with ``chunk_size`` set they do
 and the results match the unchunked ones to rounding.
 
 With ``--native`` pinet runs with :mod:`pinet.native` enabled (the bare products too; the naive
-baseline is unaffected) and the files get a ``_native`` suffix.
+baseline is unaffected) and the files get a ``_native`` suffix. ``--backends torch,native`` also
+times a step on each named :mod:`pinet.kernels` backend, interleaved with the default one and
+the naive baseline, and adds a per-backend table: ms per step, the ratio to the roofline floor
+(the larger of the memory floor and the products' FLOPs at the square-sgemm rate) and the
+speed-up over naive.
 
 Writes ``bench_step_<dtype>.md`` (table), ``.png`` (ms/step vs M) and ``.json`` under ``--out``.
 """
@@ -78,6 +82,7 @@ class Config:
     chunk_size: int | None = None
     naive: bool = True
     native: bool = False
+    backends: tuple[str, ...] = ()
     bw_mbytes: int = 512
     lr: float = 0.01
     momentum: float = 0.9
@@ -298,6 +303,10 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
     # Interleaved timing: pinet and naive alternate so that both see the same load.
     stores = lambda: [l.state._A.data_ptr() for l in net.pi_layers]  # noqa: E731
     p_ts, n_ts, moved = [], [], 0
+    b_ts: dict[str, list[float]] = {name: [] for name in cfg.backends}
+    for name in cfg.backends:  # warm each backend up once (builds, caches)
+        with pinet.kernels.use_backend(name):
+            p_step()
     for i in range(cfg.repeats):
         bar.set_postfix_str(f"M={M} step {i + 1}/{cfg.repeats}")
         before = stores()
@@ -305,6 +314,11 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
         p_step()
         p_ts.append(time.perf_counter() - t0)
         moved += before != stores()
+        for name in cfg.backends:  # interleaved with the others: the same machine load
+            with pinet.kernels.use_backend(name):
+                t0 = time.perf_counter()
+                p_step()
+                b_ts[name].append(time.perf_counter() - t0)
         if naive is not None:
             t0 = time.perf_counter()
             n_step()
@@ -367,7 +381,25 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
         row.naive_largest_alloc_mb = n_prof[1] / 2**20
         row.naive_step_alloc_mb = n_prof[2] / 2**20
         row.speedup = row.naive_step_ms / step_ms
+    row.extra["backend_step_ms"] = {name: _median_ms(ts) for name, ts in b_ts.items()}
     return row
+
+
+def backend_table(rows: list[Row], cfg: Config, flops: float) -> str:
+    """Per backend and size: ms per step, the ratio to the roofline floor (the larger of the
+    memory floor and the four products' FLOPs at the square-sgemm rate) and the speed-up over
+    the naive baseline, all from the same interleaved run."""
+    head = ("| backend | M | step ms | roofline floor ms | step/roofline | speed-up over naive |\n"
+            "|---|---:|---:|---:|---:|---:|\n")  # fmt: skip
+    lines = []
+    for name in ("default", *cfg.backends):
+        for r in rows:
+            ms = r.step_ms if name == "default" else r.extra["backend_step_ms"][name]
+            roof = max(r.floor_ms, flops_per_row(cfg) * r.M / flops * 1e3)
+            speed = None if r.naive_step_ms is None else r.naive_step_ms / ms
+            label = f"default ({pinet.kernels.backend()})" if name == "default" else name
+            lines.append(f"| {label} | {r.M} | {ms:.2f} | {roof:.2f} | {ms / roof:.2f} | {_fmt(speed)}× |")
+    return head + "\n".join(lines) + "\n"
 
 
 def chunk_check(cfg: Config, M: int, chunk: int) -> dict:
@@ -562,13 +594,16 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     p.add_argument("--native", action="store_true", help="pinet with pinet.native enabled (needs g++ and AVX2)")
+    p.add_argument("--backends", type=lambda s: tuple(v for v in s.split(",") if v), default=(),
+                   help="comma-separated pinet.kernels backends also timed, interleaved (e.g. torch,native)")
     p.add_argument("--quick", action="store_true", help="tiny network and sizes: a smoke test of a few seconds")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
     a = p.parse_args(argv)
-    cfg = Config(dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive, native=a.native)
+    cfg = Config(dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive, native=a.native, backends=a.backends)
     if a.quick:
         cfg = Config(d_in=48, r=16, depth=2, sizes=(64, 128, 256), repeats=2, warmup=1, bw_mbytes=16,
-                     dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive, native=a.native)  # fmt: skip
+                     dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive, native=a.native,
+                     backends=a.backends)  # fmt: skip
     if a.sizes:
         cfg.sizes = a.sizes
     if a.repeats:
@@ -616,6 +651,8 @@ def _run(cfg: Config, a: argparse.Namespace) -> dict:
         + (" (quick: sizes too small for the targets to mean anything)" if a.quick else "")
     )
     md = [f"{header}\n", table(rows, cfg), ""]
+    if cfg.backends:
+        md += [f"Per backend (square sgemm {flops / 1e9:.0f} GFLOP/s):\n", backend_table(rows, cfg, flops), ""]
     for name, ok, detail in checks:
         mark = "n/a " if ok is None else ("PASS" if ok else "FAIL")
         md.append(f"- {mark} {name}: {detail}")

@@ -390,3 +390,15 @@ def test_compiled_pi_layer_custom_op_gives_all_four_gradients(one_thread, monkey
         assert calls == [(None, "torch"), (8, "torch")]  # the compiled graphs ran the custom operator
     finally:
         torch._dynamo.reset()
+
+
+def test_bench_step_reports_each_backend(tmp_path, one_thread):
+    from benchmarks import bench_step
+
+    res = bench_step.main(["--quick", "--backends", "torch", "--repeats", "2", "--check-chunk", "0",
+                           "--out", str(tmp_path)])  # fmt: skip
+    assert all(set(r["extra"]["backend_step_ms"]) == {"torch"} for r in res["rows"])
+    text = (tmp_path / "bench_step_float32.md").read_text()
+    assert "| backend | M | step ms | roofline floor ms | step/roofline | speed-up over naive |" in text
+    assert "| default (torch) | 64 |" in text and "| torch | 256 |" in text
+    assert kernels.setting() == "auto"  # the benchmark restores the setting
