@@ -24,6 +24,8 @@ __all__ = [
     "InfPiModule",
     "FinPiModule",
     "pi_product",
+    "init_pi_rows",
+    "sample_pi_weight",
     "InfPiInput",
     "InfPiLayer",
     "FinPiInput",
@@ -324,19 +326,7 @@ class InfPiLayer(_Multipliers, InfPiModule):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Reset to ``M = r_in`` initial rows: ``B ~ N(0,1)`` unit rows, ``c = 1``,
         ``A ~ N(0, 1/r_out)`` (zeros if ``readout``); bias zero."""
-        st = self.state
-        dev = st.device
-        B = torch.randn(self.r_in, self.r_in, generator=generator, dtype=torch.float64, device=dev)
-        B = B / B.norm(dim=1, keepdim=True)
-        if self.readout:
-            A = torch.zeros(self.r_in, self.r_out, dtype=torch.float64, device=dev)
-        else:
-            A = torch.randn(self.r_in, self.r_out, generator=generator, dtype=torch.float64, device=dev)
-            A = A / math.sqrt(self.r_out)
-        st.truncate(0)
-        st.append(A, B, torch.ones(self.r_in, dtype=torch.float64, device=dev))
-        st.c.grad = None
-        st.clear_pending()
+        init_pi_rows(self.state, readout=self.readout, generator=generator)
         if self.bias is not None:
             self.bias.zero_()
 
@@ -377,7 +367,7 @@ class InfPiLayer(_Multipliers, InfPiModule):
             n, n_out, omega=omega_out, alpha=self.alpha, bias_alpha=self.bias_alpha, layernorm=self.layernorm,
             device=omega_in.device, dtype=dtype,
         )  # fmt: skip
-        fin.weight.copy_(_sample_pi_weight(self.state, omega_in, omega_out, dtype))
+        fin.weight.copy_(sample_pi_weight(self.state, omega_in, omega_out, dtype=dtype))
         if self.bias is not None:
             b = self.bias.to(dtype)
             fin.bias.copy_(b if omega_out is None else omega_out @ b / math.sqrt(n))
@@ -391,9 +381,33 @@ def _capture_hook(state: PiState, s: Tensor, gbar: Tensor, delta: Tensor) -> Non
     state.capture(s, gbar, delta)
 
 
-def _sample_pi_weight(state: PiState, omega_in: Tensor, omega_out: Tensor | None, dtype) -> Tensor:
-    """``n^-1 Ω_out (c⊙A)ᵀ relu(Ω_in Bᵀ)ᵀ`` (n, n), or ``n^-½ (c⊙A)ᵀ relu(Ω_in Bᵀ)ᵀ`` (k, n)
-    without ``Ω_out``; summed over chunks of M so temporaries stay near ``n × chunk``."""
+@torch.no_grad()
+def init_pi_rows(state: PiState, *, readout: bool = False, generator: torch.Generator | None = None) -> None:
+    """Reset ``state`` to the spec's initialisation: ``M = r_in`` rows, ``B ~ N(0, 1)`` scaled to
+    unit rows (r_in, r_in), ``c = 1``, ``A ~ N(0, 1/r_out)`` (r_in, r_out), zeros if ``readout``.
+    Drawn in float64 from ``generator``; captured rows and ``c.grad`` are dropped."""
+    dev = state.device
+    r_in, r_out = state.r_in, state.r_out
+    B = torch.randn(r_in, r_in, generator=generator, dtype=torch.float64, device=dev)
+    B = B / B.norm(dim=1, keepdim=True)
+    if readout:
+        A = torch.zeros(r_in, r_out, dtype=torch.float64, device=dev)
+    else:
+        A = torch.randn(r_in, r_out, generator=generator, dtype=torch.float64, device=dev) / math.sqrt(r_out)
+    state.truncate(0)
+    state.append(A, B, torch.ones(r_in, dtype=torch.float64, device=dev))
+    state.c.grad = None
+    state.clear_pending()
+
+
+@torch.no_grad()
+def sample_pi_weight(state: PiState, omega_in: Tensor, omega_out: Tensor | None, *, dtype: torch.dtype) -> Tensor:
+    """The finite weight of a π-product: ``n^-1 Ω_out (c⊙A)ᵀ relu(Ω_in Bᵀ)ᵀ`` (n_out, n) for a
+    hidden layer, ``n^-½ (c⊙A)ᵀ relu(Ω_in Bᵀ)ᵀ`` (r_out, n) for a readout (``omega_out=None``).
+
+    ``omega_in`` (n, r_in) is the input space's ``Ω``, ``omega_out`` (n_out, r_out) this layer's.
+    The finite layer computes ``relu(h) Wᵀ`` (``relu(h / ‖h‖)`` where the infinite one uses
+    layernorm). Summed over chunks of M so temporaries stay near ``n × chunk``."""
     n = omega_in.shape[0]
     M = state.rows
     chunk = max(1, 2**24 // max(n, 1))
