@@ -425,7 +425,7 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass of ``zero_grad; backward; step`` over ``batches``. Returns the example-weighted
     mean ``loss`` and ``acc`` of the training batches (measured before each step) and the mean
-    gradient norm ``grad_norm`` (when the optimizer reports one). ``progress``: an optional tqdm bar
+    norm ``grad_norm`` of the applied updates before clipping (``PiOptimizerWrapper.stats``). ``progress``: an optional tqdm bar
     updated per batch. A non-finite gradient raises ``FloatingPointError`` with the step number."""
     model.train()
     total = correct = 0
@@ -441,9 +441,11 @@ def train_epoch(
             opt.step()
         except FloatingPointError as e:
             raise FloatingPointError(f"step {step + 1}: {e}") from None
-        stats = getattr(getattr(opt, "ctx", None), "stats", {})
-        if "grad_norm" in stats:
-            norms.append(stats["grad_norm"])
+        # The norm of each applied update before clipping (with --accumulate, of the accumulated
+        # gradient: what is actually clipped); stash steps apply nothing and record nothing.
+        stats = getattr(opt, "stats", None)
+        if stats is not None and stats.applied:
+            norms.append(stats.grad_norm)
         b = y.shape[0]
         loss_sum += loss.item() * b
         correct += (out.argmax(1) == y).sum().item()

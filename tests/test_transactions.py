@@ -1,0 +1,321 @@
+"""PiOptimizerWrapper is all-or-nothing: a step, load or add_param_group that fails leaves the model,
+the inner optimizer and the hooks exactly as before (compared with torch.equal), and every bad
+argument gets one message naming it (float64, fixed seeds)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import pinet
+from pinet import PiRows
+from pinet.hooks import Accumulate, ClipGradNorm, GradHook
+from pinet.optim import PiOptimizerWrapper, param_groups
+
+D = torch.float64
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return pinet.InfPiMLP(5, 3, 4, 1, bias_alpha=0.5, dtype=D)
+
+
+def _opt(net, hooks=(), cls=torch.optim.SGD, **kw):
+    kw = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, **kw}
+    return PiOptimizerWrapper(cls(param_groups(net, kw.pop("lr"), kw.pop("weight_decay")), lr=0.1, **kw), net, hooks=list(hooks))
+
+
+def _backward(net, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(6, 5, generator=g, dtype=D), torch.randn(6, 3, generator=g, dtype=D)
+    loss = (net(x) - y).square().mean()
+    loss.backward()
+    return loss
+
+
+def _train(net, opt, steps=3):
+    for s in range(steps):
+        opt.zero_grad()
+        _backward(net, seed=10 + s)
+        opt.step()
+
+
+def _flat(obj, prefix=""):
+    """Every tensor and plain value of a nested state (dicts, lists, tuples, PiRows), by path."""
+    out = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj.detach().clone()
+    elif isinstance(obj, PiRows):
+        out.update(_flat(list(obj), prefix))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_flat(v, f"{prefix}/{i}"))
+    else:
+        out[prefix] = copy.deepcopy(obj)
+    return out
+
+
+def _everything(net, opt):
+    """Model state, wrapper state, row counts, gradients (c.grad included) and captured rows."""
+    snap = _flat(net.state_dict(), "model") | _flat(opt.state_dict(), "opt")
+    snap["rows"] = [l.state.rows for l in net.pi_layers]
+    for name, p in net.named_parameters():
+        snap[f"grad/{name}"] = None if p.grad is None else p.grad.clone()
+    for i, l in enumerate(net.pi_layers):
+        rows = l.state.pending_rows()
+        snap.update(_flat(rows, f"pending/{i}") if rows is not None else {f"pending/{i}": None})
+    return snap
+
+
+def _same(a, b):
+    assert a.keys() == b.keys(), a.keys() ^ b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y), k
+        elif isinstance(x, float) and math.isnan(x):
+            assert isinstance(y, float) and math.isnan(y), (k, x, y)
+        else:
+            assert x == y, (k, x, y)
+
+
+class RaisingSGD(torch.optim.SGD):
+    """Updates every parameter, then raises (the worst case: half a step written)."""
+
+    linear_in_grad = True
+
+    def step(self, closure=None):
+        super().step(closure)
+        raise RuntimeError("inner optimizer failed")
+
+
+def _run(fail: bool):
+    # 5 steps with Accumulate(2) end in a half-finished accumulation cycle; then one step that
+    # (optionally) fails inside the inner optimizer and is retried.
+    net = _net()
+    opt = _opt(net, hooks=[Accumulate(2), ClipGradNorm(0.5)], cls=RaisingSGD)
+    opt.optimizer.__class__ = torch.optim.SGD
+    for s in range(5):
+        opt.zero_grad()
+        _backward(net, seed=20 + s)
+        opt.step()
+    opt.zero_grad()
+    _backward(net)
+    if fail:
+        opt.optimizer.__class__ = RaisingSGD
+        before = _everything(net, opt)
+        with pytest.raises(RuntimeError, match="inner optimizer failed"):
+            opt.step()
+        _same(before, _everything(net, opt))
+        opt.optimizer.__class__ = torch.optim.SGD
+    opt.step()
+    with torch.no_grad():
+        return net(torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=D))
+
+
+def test_inner_optimizer_that_raises_leaves_everything_as_before():
+    # Everything is as before the failed call (checked inside _run), and retrying the step gives
+    # exactly what the step gives when nothing failed.
+    ok, retried = _run(False), _run(True)
+    assert torch.isfinite(ok).all() and ok.abs().max() > 1e-3
+    assert torch.equal(ok, retried)
+
+
+def test_non_atomic_wrapper_still_restores_rows_state_shapes_and_hooks():
+    net = _net()
+    opt = PiOptimizerWrapper(RaisingSGD(net.parameters(), lr=0.1, momentum=0.9), net, atomic=False)
+    opt.optimizer.__class__ = torch.optim.SGD
+    _train(net, opt, 2)
+    opt.optimizer.__class__ = RaisingSGD
+    opt.zero_grad()
+    _backward(net)
+    rows = [l.state.rows for l in net.pi_layers]
+    bufs = {p: opt.state[p]["momentum_buffer"].shape for p in opt.state}
+    with pytest.raises(RuntimeError):
+        opt.step()
+    assert [l.state.rows for l in net.pi_layers] == rows
+    assert {p: opt.state[p]["momentum_buffer"].shape for p in opt.state} == bufs
+    assert all(l.c.grad.shape == l.c.shape for l in net.pi_layers)
+    with pytest.raises(TypeError, match="atomic must be a bool"):
+        PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.1), net, atomic="no")
+
+
+class WrongRows(GradHook):
+    """Returns π-rows of the wrong output width for the last layer."""
+
+    def update(self, grads, state, ctx):
+        out = dict(grads)
+        name = list(ctx.pi_states)[-1]
+        rows = out[name]
+        out[name] = PiRows(torch.zeros(rows.rows, 7, dtype=D), rows.B, rows.coef)
+        return out, state
+
+
+class ScaleGrads(GradHook):
+    """The README's example hook."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def update(self, grads, state, ctx):
+        return {k: g * self.factor for k, g in grads.items()}, state
+
+
+class WrongShape(GradHook):
+    def update(self, grads, state, ctx):
+        return {k: (g if isinstance(g, PiRows) else g.flatten()) for k, g in grads.items()}, state
+
+
+class ForeignKey(GradHook):
+    def update(self, grads, state, ctx):
+        return {**grads, "not.a.param": torch.zeros(3, dtype=D)}, state
+
+
+class IntegerGrads(GradHook):
+    def update(self, grads, state, ctx):
+        return {k: (g if isinstance(g, PiRows) else g.long()) for k, g in grads.items()}, state
+
+
+class OnlyGrads(GradHook):
+    def update(self, grads, state, ctx):
+        return grads
+
+
+@pytest.mark.parametrize(
+    "hook, error, match",
+    [
+        (WrongRows(), ValueError, r"WrongRows: π-rows for 'layers\.2\.state' have \(r_in, r_out\) = \(4, 7\), the state has \(4, 3\)"),
+        (ScaleGrads(float("nan")), FloatingPointError, r"non-finite gradients for \['layers\.0\.A'"),
+        (ScaleGrads(float("inf")), FloatingPointError, "non-finite gradients"),
+        (WrongShape(), ValueError, r"WrongShape: gradient of 'layers\.0\.A' has shape \(20,\), the parameter \(5, 4\)"),
+        (ForeignKey(), ValueError, r"ForeignKey: returned a gradient for 'not\.a\.param', which is not a parameter"),
+        (IntegerGrads(), TypeError, r"IntegerGrads: 'layers\.0\.A' \(grad\) has dtype torch\.int64"),
+        (OnlyGrads(), TypeError, r"OnlyGrads\.update must return \(grads, state\), got dict"),
+    ],
+)
+def test_bad_hook_output_is_refused_before_anything_is_written(hook, error, match):
+    net = _net()
+    opt = _opt(net, hooks=[hook])
+    opt.hooks.remove(hook)
+    opt.hook_states = opt.hook_states[:-1]
+    _train(net, opt, 2)
+    opt.hooks.append(hook)
+    opt.hook_states.append(hook.init(opt.ctx))
+    opt.zero_grad()
+    _backward(net)
+    before = _everything(net, opt)
+    with pytest.raises(error, match=match):
+        opt.step()
+    _same(before, _everything(net, opt))
+
+
+def test_non_finite_loss_and_hyperparameters_are_refused():
+    net = _net()
+    opt = _opt(net)
+    _train(net, opt, 2)
+    opt.zero_grad()
+    before = _everything(net, opt)
+
+    def nan_closure():
+        opt.zero_grad()
+        _backward(net)  # finite gradients ...
+        return torch.tensor(float("nan"), dtype=D)  # ... but the loss is NaN
+
+    with pytest.raises(FloatingPointError, match="closure returned a non-finite loss"):
+        opt.step(nan_closure)
+    after = _everything(net, opt)
+    assert [l.state.rows for l in net.pi_layers] == before["rows"]
+    _same({k: v for k, v in before.items() if k.startswith(("model", "opt"))},
+          {k: v for k, v in after.items() if k.startswith(("model", "opt"))})  # fmt: skip
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"param_groups: lr must be a finite non-negative number, got {bad}"):
+            param_groups(net, bad)
+        with pytest.raises(ValueError, match="first_layer_lr_mult must be a finite"):
+            param_groups(net, 0.1, first_layer_lr_mult=bad)
+    # A scheduler (or a user) that sets a NaN lr after construction: refused at step(), nothing changes.
+    opt.zero_grad()
+    _backward(net)
+    before = _everything(net, opt)
+    opt.param_groups[1]["lr"] = float("nan")
+    with pytest.raises(ValueError, match=r"group 1 \('hidden'\) has lr=nan; expected a finite number"):
+        opt.step()
+    opt.param_groups[1]["lr"] = before["opt/optimizer/param_groups/1/lr"]
+    _same(before, _everything(net, opt))
+    with pytest.raises(ValueError, match="momentum=nan"):
+        PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.1, momentum=float("nan")), net)
+
+
+def test_step_again_without_backward_is_refused():
+    net = _net()
+    opt = _opt(net)
+    opt.zero_grad()
+    _backward(net)
+    opt.step()
+    before = _everything(net, opt)
+    with pytest.raises(RuntimeError, match="step\\(\\) is called again without a new backward\\(\\)"):
+        opt.step()
+    _same(before, _everything(net, opt))
+
+
+def _saved(net, opt):
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_optimizer_state_of_another_step_is_refused_and_says_what_to_load_first():
+    net = _net()
+    opt = _opt(net, hooks=[Accumulate(3)])
+    _train(net, opt, 3)
+    old = _saved(net, opt)
+    _train(net, opt, 3)
+    before = _everything(net, opt)
+    with pytest.raises(ValueError, match=r"'layers\.1\.state\.c' has shape \(\d+,\) but the parameter has \(\d+,\).*load the model's state_dict from the same checkpoint first"):
+        opt.load_state_dict(old["opt"])
+    _same(before, _everything(net, opt))
+    # The right order works, bit for bit.
+    net.load_state_dict(old["model"])
+    opt.load_state_dict(old["opt"])
+    # Hook settings are saved: Accumulate(3)'s state does not load into Accumulate(2).
+    other = _opt(_net(), hooks=[Accumulate(2)])
+    other.model.load_state_dict(old["model"])
+    with pytest.raises(ValueError, match=r"hook Accumulate was saved with other settings steps: saved 3 vs this 2"):
+        other.load_state_dict(old["opt"])
+    with pytest.raises(ValueError, match=r"saved hooks \[.*'Accumulate'\] differ from this wrapper's"):
+        _opt(_net()).load_state_dict(old["opt"])
+    with pytest.raises(ValueError, match="expected a dict with keys 'optimizer' and 'hooks'"):
+        opt.load_state_dict({"state": {}})
+
+
+def test_add_param_group_with_a_foreign_parameter_is_not_added():
+    net = _net()
+    opt = _opt(net)
+    n_groups = len(opt.param_groups)
+    foreign = torch.nn.Parameter(torch.zeros(3, dtype=D))
+    with pytest.raises(ValueError, match="not parameters of model"):
+        opt.add_param_group({"params": [foreign], "lr": 0.1})
+    assert len(opt.param_groups) == n_groups == len(opt.optimizer.param_groups)
+    assert all(foreign is not p for g in opt.param_groups for p in g["params"])
+
+
+def test_argument_errors_name_the_argument():
+    net = _net()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"hooks must be a list of GradHook, got a single ClipGradNorm; pass hooks=\[ClipGradNorm\(...\)\]"):
+        PiOptimizerWrapper(sgd, net, hooks=ClipGradNorm(1.0))
+    with pytest.raises(TypeError, match="hooks must be GradHook instances, got str"):
+        PiOptimizerWrapper(sgd, net, hooks=["clip"])
+    for bad in ("0.5x", None, float("nan"), -1.0, 0.0, True):
+        with pytest.raises(ValueError, match=r"ClipGradNorm: max_norm must be a finite number > 0, got"):
+            ClipGradNorm(bad)
+    with pytest.raises(ValueError, match="ClipGradNorm: per_param must be a bool"):
+        ClipGradNorm(1.0, per_param="yes")
+    assert math.isclose(ClipGradNorm(2).max_norm, 2.0)
