@@ -31,53 +31,10 @@ import pinet
 
 from .bench_step import PASSES, Config, flops_per_row, read_bandwidth, sgemm_rate
 
-# The dot kernel, float32 only (the benchmark's storage dtype): Y (M, n) = X (M, K) @ W(n, K)ᵀ with
-# 2 rows × 4 columns of 8-wide FMA accumulators over K, OpenMP over pairs of rows, masked loads for
-# the K tail, any M and n. The blocking was picked by measuring 2×4, 3×4 and 4×2 on the development
-# machine. The reduce kernel is pinet's own (:mod:`pinet.native`).
-KERNEL_SOURCE = pinet.native.PRELUDE + r"""
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <int R, int C>
-static inline void dot_tile(const float* X, int64_t K, const float* W, float* Y, int64_t ldy) {
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 x[R];
-    for (int r = 0; r < R; ++r) x[r] = _mm256_loadu_ps(X + r * K + k);
-    // The next tile's rows, one cache line per 16 floats: streaming 36 vs 31 GFLOP/s measured.
-    // Past the last row this names addresses outside X, which a prefetch may do (it never faults).
-    if ((k & 15) == 0) for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (R + r) * K + k), _MM_HINT_T0);
-    for (int c = 0; c < C; ++c) {
-      __m256 w = _mm256_loadu_ps(W + c * K + k);
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
-    }
-  }
-  if (k < K) {
-    const __m256i m = tail_mask(K - k);
-    __m256 x[R];
-    for (int r = 0; r < R; ++r) x[r] = _mm256_maskload_ps(X + r * K + k, m);
-    for (int c = 0; c < C; ++c) {
-      __m256 w = _mm256_maskload_ps(W + c * K + k, m);
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) Y[r * ldy + c] = hsum8(acc[r][c]);
-}
-
-template <int R>
-static inline void dot_rows(const float* X, int64_t K, const float* W, int64_t n, float* Y) {
-  int64_t c = 0;
-  for (; c + 4 <= n; c += 4) dot_tile<R, 4>(X, K, W + c * K, Y + c, n);
-  for (; c < n; ++c) dot_tile<R, 1>(X, K, W + c * K, Y + c, n);
-}
-
+# The dot kernel, float32 only (the benchmark's storage dtype): Y (M, n) = X (M, K) @ W(n, K)ᵀ by
+# pinet.kernels.native.DOT (the fused backend's dot), OpenMP over pairs of rows. The reduce kernel
+# is pinet's own (:mod:`pinet.native`).
+KERNEL_SOURCE = pinet.kernels.native.PRELUDE + pinet.kernels.native.DOT + r"""
 extern "C" void thin_dot(const float* X, int64_t M, int64_t K, const float* W, int64_t n, float* Y,
                          int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)

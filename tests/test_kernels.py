@@ -56,9 +56,20 @@ def test_functional_pi_layer_points_to_its_new_home():
 # --------------------------------------------------------------------------- the switch
 def test_default_backend_is_visible_and_torch_is_always_available():
     assert kernels.setting() == "auto"
-    assert kernels.backend() == "torch" and kernels.backend("cpu") == "torch"
+    # The fused kernel where it can be built (it can wherever g++ and AVX2 are: the skip
+    # conditions of test_native.py), torch's products on CUDA.
+    assert kernels.backend() == kernels.backend("cpu") == ("fused" if _native_ok() else "torch")
     assert kernels.backend(torch.device("cuda", 0)) == "torch"
     assert {"auto", "torch"} <= set(kernels.available_backends())
+
+
+def test_auto_falls_back_to_torch_visibly_where_fused_cannot_be_built(monkeypatch, tmp_path):
+    monkeypatch.setattr(knative, "_fused_lib", None)
+    monkeypatch.setattr(kernels, "_auto_choice", {})
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("PINET_CACHE", str(tmp_path))
+    assert kernels.backend() == "torch"
+    assert "none found on PATH" in kernels.unavailable_reason("fused")
 
 
 def test_set_backend_forces_and_use_backend_restores():
@@ -74,7 +85,7 @@ def test_set_backend_forces_and_use_backend_restores():
 
 
 def test_unknown_backend_is_a_value_error_naming_the_choices():
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'native', 'triton'\), got 'cuda'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'native', 'fused', 'triton'\), got 'cuda'"):
         kernels.set_backend("cuda")
     assert kernels.setting() == "auto"
 
@@ -119,13 +130,21 @@ def test_layers_use_the_selected_backend(monkeypatch):
     real = kernels.torch_ops.pi_product
     monkeypatch.setattr(kernels.torch_ops, "pi_product", lambda *a: calls.append(a[5:]) or real(*a))
     net = pinet.InfPiMLP(6, 2, r=4, depth=1)
-    net(torch.randn(3, 6)).sum().backward()
+    with kernels.use_backend("torch"):
+        net(torch.randn(3, 6)).sum().backward()
     assert calls == [(), ()]  # two π-layers, torch's reduce (the default argument)
     if _native_ok():
         calls.clear()
         with kernels.use_backend("native"):
             net(torch.randn(3, 6)).sum().backward()
         assert calls == [(kernels.torch_ops.native_reduce,)] * 2
+        from pinet.kernels import fused
+
+        seen = []
+        monkeypatch.setattr(fused, "pi_product", lambda *a: seen.append(a[0].dtype) or real(*a))
+        calls.clear()
+        net(torch.randn(3, 6)).sum().backward()  # auto: the fused kernel
+        assert seen == [torch.float32] * 2 and calls == []
 
 
 # --------------------------------------------------------------------------- triton (interpreter)
@@ -387,7 +406,8 @@ def test_compiled_pi_layer_custom_op_gives_all_four_gradients(one_thread, monkey
             got = f(*ins)
             for g, w in zip([got.detach()] + list(torch.autograd.grad(got, ins, d)), want):
                 assert torch.allclose(g, w, rtol=0, atol=1e-12)
-        assert calls == [(None, "torch"), (8, "torch")]  # the compiled graphs ran the custom operator
+        # the compiled graphs ran the custom operator, on the default backend (float64: torch's products)
+        assert calls == [(None, kernels.backend()), (8, kernels.backend())]
     finally:
         torch._dynamo.reset()
 
@@ -400,5 +420,112 @@ def test_bench_step_reports_each_backend(tmp_path, one_thread):
     assert all(set(r["extra"]["backend_step_ms"]) == {"torch"} for r in res["rows"])
     text = (tmp_path / "bench_step_float32.md").read_text()
     assert "| backend | M | step ms | roofline floor ms | step/roofline | speed-up over naive |" in text
-    assert "| default (torch) | 64 |" in text and "| torch | 256 |" in text
+    assert f"| default ({kernels.backend()}) | 64 |" in text and "| torch | 256 |" in text
     assert kernels.setting() == "auto"  # the benchmark restores the setting
+
+
+# --------------------------------------------------------------------------- fused CPU kernel
+needs_native = pytest.mark.skipif(not _native_ok(), reason="the fused kernel needs g++ and AVX2")
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk", [None, 16])
+@pytest.mark.parametrize("b,r,r_out,M", [(3, 5, 7, 37), (1, 9, 3, 1), (7, 33, 17, 129), (8, 64, 10, 2501), (5, 20, 10, 0)])
+def test_fused_forward_and_four_gradients_match_float64(b, r, r_out, M, chunk, threads):
+    # Every tail: M below/across the 64-row blocks and the thread split, r and r_out below, at and
+    # above whole 8- and 64-float tiles, odd b.
+    from pinet.kernels import fused
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(M + r)
+        g = TF.normalize(torch.randn(b, r, generator=gen, dtype=D), dim=1)
+        A, c = torch.randn(M, r_out, generator=gen, dtype=D), torch.randn(M, generator=gen, dtype=D)
+        B = TF.normalize(torch.randn(M, r, generator=gen, dtype=D), dim=1)
+        d = torch.randn(b, r_out, generator=gen, dtype=D)
+        ins32 = [t.float().requires_grad_() for t in (g, A, B, c)]
+        u = fused.pi_product(*ins32, chunk)
+        got = [u.detach()] + list(torch.autograd.grad(u, ins32, d.float()))
+        want_u, want_g = _reference(*(t.float().double() for t in (g, A, B, c)), d.float().double())
+        # float32 rounding (observed ≤ 3.5e-7 of the largest entry); a wrong tile, mask or
+        # thread partial is off by O(1).
+        for name, x, y in zip(("u", "g", "A", "B", "c"), got, [want_u, *want_g]):
+            assert x.dtype == torch.float32 and x.shape == y.shape, name
+            assert _rel(x, y) < 2e-6, (name, _rel(x, y))
+        only = torch.autograd.grad(fused.pi_product(ins32[0], *(t.detach() for t in ins32[1:]), chunk), ins32[0],
+                                   d.float())[0]  # fmt: skip
+        assert _rel(only, want_g[0]) < 2e-6  # the training case: ∂ḡ alone, the fused backward
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_fused_backend_serves_float32_cpu_only():
+    # float64 products take the torch backend's path even when forced: identical bits either way.
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(4, 16, generator=gen, dtype=D)
+    A, c = torch.randn(300, 5, generator=gen, dtype=D), torch.randn(300, generator=gen, dtype=D)
+    B = TF.normalize(torch.randn(300, 16, generator=gen, dtype=D), dim=1)
+    off = kernels.pi_layer(g, A, B, c)[0]
+    with kernels.use_backend("fused"):
+        assert kernels.backend() == "fused"
+        on = kernels.pi_layer(g, A, B, c)[0]
+    assert torch.equal(on, off)
+
+
+@needs_native
+def test_fused_training_matches_torch_backend(one_thread):
+    from pinet.hooks import ClipGradNorm
+    from pinet.optim import PiOptimizerWrapper
+
+    def train(name, chunk):
+        torch.manual_seed(0)
+        net = pinet.InfPiMLP(20, 3, r=8, depth=2, chunk_size=chunk)
+        opt = PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net,
+                                 hooks=[ClipGradNorm(0.5, per_param=True)])  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        with kernels.use_backend(name):
+            for _ in range(30):
+                x, y = torch.randn(8, 20, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+                opt.zero_grad()
+                TF.cross_entropy(net(x), y).backward()
+                opt.step()
+            return net(torch.randn(16, 20, generator=gen)).detach()
+
+    ref = train("torch", None).double()
+    for chunk in (None, 50):
+        # 30 float32 steps that differ only in summation order agree to ~1e-6.
+        assert _rel(train("fused", chunk), ref) < 1e-4
+
+
+@needs_native
+def test_fused_backend_under_torch_compile(one_thread):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 12, generator=gen)
+    A, c = torch.randn(70, 5, generator=gen), torch.randn(70, generator=gen)
+    B = TF.normalize(torch.randn(70, 12, generator=gen), dim=1)
+    want = kernels.pi_layer(x.double().requires_grad_(), A.double(), B.double(), c.double())[0]
+    torch._dynamo.reset()
+    try:
+        with kernels.use_backend("fused"):
+            f = kernels.compile_step(lambda x: kernels.pi_layer(x, A, B, c)[0], backend="aot_eager")
+            xs = x.clone().requires_grad_()
+            out = f(xs)
+            (gx,) = torch.autograd.grad(out, xs, torch.ones_like(out))
+    finally:
+        torch._dynamo.reset()
+    xd = x.double().requires_grad_()
+    want = kernels.pi_layer(xd, A.double(), B.double(), c.double())[0]
+    (gx_want,) = torch.autograd.grad(want, xd, torch.ones_like(want))
+    assert _rel(out, want.detach()) < 2e-6 and _rel(gx, gx_want) < 2e-6
+
+
+def test_forcing_fused_without_a_compiler_raises(monkeypatch, tmp_path):
+    monkeypatch.setattr(knative, "_fused_lib", None)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("PINET_CACHE", str(tmp_path))
+    with pytest.raises(kernels.NativeUnavailable, match=r"g\+\+ \(or \$CXX\); none found"):
+        kernels.set_backend("fused")
+    assert kernels.setting() == "auto" and "fused" not in kernels.available_backends()

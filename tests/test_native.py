@@ -105,7 +105,7 @@ def test_pi_product_and_all_gradients_match_torch_path(chunk):
 
     def run(dtype, on):
         ins = [t.to(dtype, copy=True).requires_grad_() for t in (g64, A64, B64, c64)]
-        with native.use(on):
+        with kernels.use_backend("native" if on else "torch"):
             out = kernels.pi_layer(*ins, chunk_size=chunk)[0]
             (out * weight.to(dtype)).sum().backward()
         return [out.detach()] + [t.grad for t in ins]
@@ -136,7 +136,7 @@ def test_training_with_native_matches_training_without():
         opt = PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net,
                                  hooks=[ClipGradNorm(0.5, per_param=True)])  # fmt: skip
         gen = torch.Generator().manual_seed(1)
-        with native.use(on):
+        with kernels.use_backend("native" if on else "torch"):
             for _ in range(30):
                 x, y = torch.randn(8, 20, generator=gen), torch.randint(0, 3, (8,), generator=gen)
                 opt.zero_grad()

@@ -26,6 +26,10 @@ def _run_forward(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor, chunk_size: int 
         from . import triton_pi
 
         return triton_pi.forward(gbar, A, B, c)
+    if backend == "fused":
+        from . import fused
+
+        return fused.forward(gbar, A, B, c, chunk_size)
     reduce = torch_ops.native_reduce if backend == "native" else torch_ops.torch_reduce
     return torch_ops._forward(gbar, A, B, c, chunk_size, keep=False, reduce=reduce)[0]
 
@@ -51,6 +55,10 @@ def _pi_product_backward(
             from . import triton_pi
 
             grads = triton_pi.backward(gbar, A, B, c, grad_u, needs)
+        elif backend == "fused":
+            from . import fused
+
+            grads = fused.backward(gbar, A, B, c, grad_u, chunk_size, needs)
         else:
             reduce = torch_ops.native_reduce if backend == "native" else torch_ops.torch_reduce
             grads = torch_ops.backward(gbar, A, B, c, None, grad_u, chunk_size, reduce, needs)
@@ -81,5 +89,5 @@ _pi_product.register_autograd(_backward, setup_context=_setup_context)
 
 def pi_product(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor, chunk_size: int | None, backend: str) -> Tensor:
     """``u = (J(ḡ Bᵀ) ⊙ c) A`` (b, r_out) through the ``pinet::pi_product`` custom operator on
-    ``backend`` (``"torch"``, ``"native"`` or ``"triton"``); differentiable in all four inputs."""
+    ``backend`` (``"torch"``, ``"native"``, ``"fused"`` or ``"triton"``); differentiable in all four inputs."""
     return torch.ops.pinet.pi_product(gbar, A, B, c, chunk_size, backend)
