@@ -353,7 +353,7 @@ REFERENCE = [
     "--transfer-milestones=0,5,10",
 ]
 
-# Every flag of the reference command (../shared/reference-clis.md).
+# Every flag of the reference command (the reference transfer command; docs/transfer.md).
 REFERENCE_FLAGS = [
     "--verbose",
     "--imagenet-data",

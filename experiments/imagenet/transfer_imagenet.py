@@ -61,7 +61,7 @@ from pinet.baselines import accuracy, kernel_ridge, one_hot_targets
 from pinet.features import features, kernel_from_features
 from pinet.hooks import ClipGradNorm
 
-# The reference command's defaults (../shared/reference-clis.md).
+# The reference command's defaults (the reference transfer command; docs/transfer.md).
 DEFAULTS = dict(
     width=None,
     r=400,
