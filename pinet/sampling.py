@@ -143,7 +143,7 @@ def trace(model: nn.Module, example_input: tuple | Tensor | None = None) -> Data
     if not layers:
         raise ValueError(f"pinet.sample: {type(model).__name__} contains no infinite π-layer (InfPiModule)")
     names = {id(m): n for n, m in layers.items()}
-    device = next(iter(layers.values())).parameters().__next__().device
+    device = next(model.parameters()).device
     if example_input is None:
         example_input = _example_input(layers, device)
     elif isinstance(example_input, Tensor):

@@ -20,7 +20,7 @@ from typing import Any, Union
 from torch import Tensor, nn
 
 from ..rows import PiRows
-from ..state import FinPiState, PiState
+from ..state import FinPiState, PiState, owned_parameters
 
 __all__ = ["Grads", "HookContext", "GradHook", "Chain", "chain"]
 
@@ -60,7 +60,7 @@ class HookContext:
             for child_name, child in module.named_children():
                 if isinstance(child, FinPiState):
                     declared = getattr(module, "projected_parameters", None)
-                    pairs = declared() if callable(declared) else _owned_parameters(module)
+                    pairs = declared() if callable(declared) else owned_parameters(module)
                     by_id = {id(p): n for n, p in params.items()}
                     owned = []
                     for pname, p in pairs:
@@ -78,14 +78,6 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _owned_parameters(module: nn.Module):
-    # Same default as pinet.FinPiModule.projected_parameters, for owners that are plain modules.
-    nested = [
-        n + "." for n, m in module.named_modules() if n and any(isinstance(c, FinPiState) for c in m.children())
-    ]
-    for n, p in module.named_parameters():
-        if not any(n.startswith(prefix) for prefix in nested):
-            yield n, p
 
 
 class GradHook:
