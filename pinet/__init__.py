@@ -3,11 +3,11 @@
 Main entry points: :class:`InfPiMLP`, :class:`FinPiMLP`, the layers in :mod:`pinet.layers`, the
 state modules :class:`PiState` / :class:`FinPiState`, the optimizer wrapper
 :class:`pinet.optim.PiOptimizerWrapper` and the gradient hooks in :mod:`pinet.hooks`; the
-π-product's kernel backends (torch, an opt-in AVX2 reduce kernel, an opt-in Triton kernel for
-CUDA) in :mod:`pinet.kernels`.
+π-product's kernel backends (a fused C++ kernel by default on x86-64 CPUs with AVX2 and g++,
+torch's products elsewhere, an opt-in Triton kernel for CUDA) in :mod:`pinet.kernels`.
 """
 
-from . import baselines, compat, functional, hooks, kernels, native, optim
+from . import baselines, compat, distributed, functional, hooks, kernels, native, optim
 from .layers import FinPiInput, FinPiLayer, FinPiModule, InfPiInput, InfPiLayer, InfPiModule, pi_product
 from .models import FinPiMLP, InfPiMLP
 from .checkpoint import StateDictError, check_state_dict, load_state_dict
@@ -27,6 +27,7 @@ __all__ = [
     "baselines",
     "hooks",
     "optim",
+    "distributed",
     "PiState",
     "PiRows",
     "FinPiState",

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from . import distributed, kernels
 from .state import FinPiState, PiState, _check_dtype
 
 __all__ = [
@@ -134,7 +134,14 @@ def pi_product(state: PiState, g: Tensor, *, layernorm: bool = False, chunk_size
         raise ValueError(f"pi_product: g must have shape (batch, {state.r_in}), got {shape}")
     c = state.c
     g = g.to(c.dtype)
+    shard = state.shard
+    if shard is not None:
+        # Rows sharded over processes (pinet.distributed): the tensor-parallel pair, so that the
+        # output, its gradient δ and hence the captured rows are the same on every rank.
+        g = distributed.copy_to_shards(g, shard.group)
     u, s, gbar = kernels.pi_layer(g, state.A, state.B, c.detach(), layernorm=layernorm, chunk_size=chunk_size)
+    if shard is not None:
+        u = distributed.reduce_from_shards(u, shard.group)
     if torch.is_grad_enabled() and c.requires_grad:
         if not u.requires_grad:
             # Nothing upstream is trainable; the layer's own rows still are.

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .rows import PiRows
 
-__all__ = ["PiState", "PiRows", "FinPiState"]
+__all__ = ["PiState", "PiRows", "FinPiState", "ShardInfo", "owned_parameters"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -52,6 +52,36 @@ def _check_tensor(key: str, v, problems: list[str]) -> bool:
 def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
     # Coefficients accumulate -lr * (1 - lr*wd)^t products over the whole run: never below fp32.
     return torch.float32 if dtype in _HALF else dtype
+
+
+class ShardInfo:
+    """Where a sharded :class:`PiState`'s rows live (set by :func:`pinet.distributed.shard`).
+
+    Global row ``m`` of the layer is held by rank ``m % world_size`` as its local row
+    ``m // world_size``, so the local rows are the global ones ``rank, rank + P, ...`` in order.
+
+    Attributes: ``group`` (the ``torch.distributed`` process group, ``None``: the default one),
+    ``rank`` (this process's rank in ``group``), ``world_size`` (P), ``global_rows`` (rows of the
+    whole layer, all ranks together).
+    """
+
+    def __init__(self, group, rank: int, world_size: int, global_rows: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardInfo: rank must be in [0, {world_size}), got {rank}")
+        self.group, self.rank, self.world_size, self.global_rows = group, rank, world_size, global_rows
+        # Set by pinet.distributed.load_state_dict while it loads one rank's own shard.
+        self.loading_local: int | None = None
+
+    def local_rows(self, global_rows: int) -> int:
+        """How many of the first ``global_rows`` global rows this rank holds."""
+        return max(0, -(-(global_rows - self.rank) // self.world_size))
+
+    def share(self, k: int) -> slice:
+        """The slice of ``k`` rows appended after the current ``global_rows`` that this rank keeps."""
+        return slice((self.rank - self.global_rows) % self.world_size, None, self.world_size)
+
+    def __repr__(self) -> str:
+        return f"ShardInfo(rank={self.rank}, world_size={self.world_size}, global_rows={self.global_rows})"
 
 
 class PiState(nn.Module):
@@ -103,12 +133,20 @@ class PiState(nn.Module):
         self.c = nn.Parameter(self._c[:0])
         self.pending: list[PiRows] = []
         self._pending_token: tuple[int, int] | None = None
+        # Set by pinet.distributed.shard: this process holds global rows m with m % world == rank.
+        self.shard: ShardInfo | None = None
 
     # ------------------------------------------------------------------ views
     @property
     def rows(self) -> int:
-        """M, the number of rows."""
+        """M, the number of rows held here (this process's share when :attr:`shard` is set)."""
         return self._M
+
+    @property
+    def global_rows(self) -> int:
+        """Rows of the whole layer: :attr:`rows` summed over the processes of a sharded state
+        (:mod:`pinet.distributed`), else :attr:`rows`."""
+        return self._M if self.shard is None else self.shard.global_rows
 
     @property
     def capacity(self) -> int:
@@ -155,8 +193,13 @@ class PiState(nn.Module):
         self._A, self._B, self._c = A, B, c
         self.c.data = self._c[:M]
 
-    def append(self, A_new: Tensor, B_new: Tensor, c_new: Tensor | None = None) -> None:
-        """Append ``k`` rows: A_new (k, r_out), B_new (k, r_in), c_new (k,) (default zeros)."""
+    def append(self, A_new: Tensor, B_new: Tensor, c_new: Tensor | None = None) -> slice:
+        """Append ``k`` rows: A_new (k, r_out), B_new (k, r_in), c_new (k,) (default zeros).
+
+        Returns the slice of the ``k`` rows that were stored here: all of them, or for a sharded
+        state (:attr:`shard`; the same rows are appended on every process) this process's share,
+        the new global rows ``m`` with ``m % world_size == rank``, so shards stay balanced within
+        one batch."""
         k = A_new.shape[0]
         if A_new.dim() != 2 or A_new.shape[1] != self.r_out:
             raise ValueError(f"append: A_new must be (k, {self.r_out}), got {tuple(A_new.shape)}")
@@ -164,6 +207,14 @@ class PiState(nn.Module):
             raise ValueError(f"append: B_new must be ({k}, {self.r_in}), got {tuple(B_new.shape)}")
         if c_new is not None and c_new.shape != (k,):
             raise ValueError(f"append: c_new must be ({k},), got {tuple(c_new.shape)}")
+        keep = slice(None)
+        shard = self.shard
+        if shard is not None:
+            keep = shard.share(k)
+            A_new, B_new = A_new[keep], B_new[keep]
+            c_new = None if c_new is None else c_new[keep]
+            shard.global_rows += k
+            k = A_new.shape[0]
         M = self._M
         if M + k > self.capacity:
             self.reserve(max(M + k, math.ceil(self.capacity * self.growth), 64))
@@ -173,11 +224,24 @@ class PiState(nn.Module):
             self._c[M : M + k] = 0 if c_new is None else c_new
         self._M = M + k
         self.c.data = self._c[: self._M]
+        return keep
 
-    def truncate(self, rows: int) -> None:
-        """Drop rows beyond ``rows`` (capacity is kept). Used to undo a failed step."""
+    def truncate(self, rows: int, global_rows: int | None = None) -> None:
+        """Drop rows beyond ``rows`` (capacity is kept). Used to undo a failed step.
+
+        A sharded state also needs ``global_rows``, the layer's row count to go back to (local
+        ``rows`` alone does not determine it)."""
         if not 0 <= rows <= self._M:
             raise ValueError(f"truncate: rows must be in [0, {self._M}], got {rows}")
+        if self.shard is not None:
+            if global_rows is None:
+                raise ValueError("truncate: a sharded PiState needs global_rows as well as its local rows")
+            if self.shard.local_rows(global_rows) != rows:
+                raise ValueError(
+                    f"truncate: global_rows={global_rows} puts {self.shard.local_rows(global_rows)} rows on "
+                    f"rank {self.shard.rank}, not rows={rows}"
+                )
+            self.shard.global_rows = global_rows
         self._M = rows
         self.c.data = self._c[:rows]
 
@@ -246,6 +310,10 @@ class PiState(nn.Module):
         destination[prefix + "B"] = self._compact(self.B)
         c = self.c if keep_vars else self.c.detach()
         destination[prefix + "c"] = c if keep_vars else self._compact(c)
+        if self.shard is not None:
+            # One rank's rows only: marked, so it is never mistaken for the whole layer.
+            sh = self.shard
+            destination[prefix + "_shard"] = torch.tensor([sh.rank, sh.world_size, sh.global_rows])
 
     # Keys this module checks itself (see pinet.checkpoint): A and B are not registered tensors.
     _pinet_checked_keys = ("A", "B", "c")
@@ -256,6 +324,8 @@ class PiState(nn.Module):
         Missing entries are not problems here (the caller reports missing keys); if any of the three
         is missing the state is not loaded at all, so the others are not checked."""
         keys = {k: prefix + k for k in ("A", "B", "c")}
+        if prefix + "_shard" in state_dict:
+            return [_shard_problem(state_dict[prefix + "_shard"], prefix)]
         if not all(v in state_dict for v in keys.values()):
             return []
         problems: list[str] = []
@@ -284,6 +354,9 @@ class PiState(nn.Module):
                 unexpected_keys.append(k)
         present = [v for v in keys.values() if v in state_dict]
         missing_keys.extend(v for v in keys.values() if v not in state_dict)
+        if prefix + "_shard" in state_dict:
+            error_msgs.append(_shard_problem(state_dict[prefix + "_shard"], prefix))
+            return
         if len(present) != 3:
             return
         problems = self._pinet_check_load(state_dict, prefix)
@@ -291,6 +364,15 @@ class PiState(nn.Module):
             error_msgs.extend(problems)
             return
         A, B, c = (state_dict[keys[k]] for k in ("A", "B", "c"))
+        shard = self.shard
+        global_rows = A.shape[0]
+        if shard is not None:
+            if shard.loading_local is not None:
+                global_rows = shard.loading_local  # this rank's own saved shard
+            else:
+                # The whole layer (any number of processes saved it): keep this rank's share.
+                keep = slice(shard.rank, None, shard.world_size)
+                A, B, c = A[keep], B[keep], c[keep]
         # Build all three new stores before replacing any: a failure here leaves the state as it was.
         with torch.no_grad():
             new_A = A.detach().to(device=self._A.device, dtype=self._A.dtype).clone()
@@ -298,17 +380,33 @@ class PiState(nn.Module):
             new_c = c.detach().to(device=self._c.device, dtype=self._c.dtype).clone()
         self._A, self._B, self._c = new_A, new_B, new_c
         self._M = A.shape[0]
+        if shard is not None:
+            shard.global_rows = global_rows
         self.c.data = self._c
         self.c.grad = None
         self.clear_pending()
 
 
+def _shard_problem(info, prefix: str) -> str:
+    # A '_shard' entry: one rank's rows of a sharded state (pinet.distributed), not the whole layer.
+    try:
+        rank, world, total = (int(v) for v in info.tolist())
+        what = f"rank {rank}'s shard of a {world}-process run ({total} rows in all)"
+    except Exception:  # noqa: BLE001 - a malformed marker is still a shard marker
+        what = "one rank's shard of a sharded run"
+    return (
+        f"{prefix}_shard: this state dict holds {what}, not the whole layer; load it with "
+        "pinet.distributed.load_state_dict in the same rank of a run with as many processes, or save "
+        "with pinet.distributed.full_state_dict to load into any number of processes"
+    )
+
+
 class FinPiState(nn.Module):
     """Projector state of one finite π-layer: ``Ω`` (n, r) and ``(ΩᵀΩ)⁻¹`` (r, r), as buffers.
 
-    The gradients of the parameters of the module that owns this state (its ``weight`` and
-    ``bias``, non-recursively) are projected onto the column span of ``Ω`` by the
-    :class:`pinet.hooks.ProjectToR` hook.
+    The gradients of the parameters of the module that owns this state are projected onto the
+    column span of ``Ω`` by the :class:`pinet.hooks.ProjectToR` hook: those the owner declares with
+    ``projected_parameters()`` (:class:`pinet.FinPiModule`), by default :func:`owned_parameters`.
     """
 
     def __init__(self, omega: Tensor) -> None:
@@ -342,3 +440,15 @@ class FinPiState(nn.Module):
 
     def extra_repr(self) -> str:
         return f"width={self.width}, rank={self.rank}"
+
+
+def owned_parameters(module: nn.Module):
+    """``(name, parameter)`` pairs a projector owner projects by default: every parameter of
+    ``module`` and its submodules, except those under a submodule that owns a :class:`FinPiState`
+    of its own (it projects them itself). Names are relative to ``module``."""
+    nested = [
+        n + "." for n, m in module.named_modules() if n and any(isinstance(c, FinPiState) for c in m.children())
+    ]
+    for n, p in module.named_parameters():
+        if not any(n.startswith(prefix) for prefix in nested):
+            yield n, p

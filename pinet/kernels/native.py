@@ -1,4 +1,6 @@
-"""Optional native CPU kernel for the π-product's reduce products (opt-in, x86-64 with AVX2).
+"""pinet's C++ CPU kernels (x86-64 with AVX2): the ``"native"`` backend's reduce kernel and the
+``"fused"`` backend's π-product forward and ``∂ḡ`` backward (:func:`fused_forward`,
+:func:`fused_backward_g`, built from the same dot and reduce code; see :mod:`pinet.kernels.fused`).
 
 Two of the four products of a π-layer's step are reductions over the rows of the state,
 ``u = wᵀ A`` (forward) and ``∂L/∂ḡ = (∂L/∂q)ᵀ B`` (backward): ``(b, M) @ (M, r)`` with a small
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from ._base import BackendUnavailable
 
-__all__ = ["NativeUnavailable", "reduce_into", "load"]
+__all__ = ["NativeUnavailable", "reduce_into", "load", "load_fused", "fused_forward", "fused_backward_g"]
 
 # Z (n, K) += V (M, n)ᵀ @ X (M, K), all row-major float32.
 # Each thread takes a contiguous range of rows and keeps its own partial Z; within it, blocks of

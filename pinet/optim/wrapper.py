@@ -238,12 +238,13 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
             st = ctx.pi_states[name]
             old = st.rows
             c_old_grad = grads.get(_join(name, "c"))
-            st.append(rows.A, rows.B)
+            # A sharded state (pinet.distributed) keeps its share of the replicated new rows.
+            keep = st.append(rows.A, rows.B)
             appended[name] = rows.rows
             g = torch.zeros_like(st.c)
             if c_old_grad is not None:
                 g[:old] = c_old_grad
-            g[old:] = rows.coef.to(g.dtype)
+            g[old:] = rows.coef[keep].to(g.dtype)
             st.c.grad = g
             self._grow_state(st.c, old)
         return appended
@@ -378,7 +379,7 @@ class _Snapshot:
         # `grads`: what is about to be committed; only those parameters can be stepped.
         self.wrapper = wrapper
         ctx = wrapper.ctx
-        self.rows = {name: st.rows for name, st in ctx.pi_states.items()}
+        self.rows = {name: (st.rows, st.global_rows) for name, st in ctx.pi_states.items()}
         self.grads = {name: p.grad for name, p in ctx.params.items()}
         state = wrapper.optimizer.state
         self.had_state = set(state.keys())
@@ -399,7 +400,7 @@ class _Snapshot:
         w = self.wrapper
         ctx = w.ctx
         for name, st in ctx.pi_states.items():
-            st.truncate(self.rows[name])
+            st.truncate(*self.rows[name])
         for name, p in ctx.params.items():
             saved = self.values.get(name)
             if saved is not None:

@@ -1,0 +1,332 @@
+"""pinet.distributed: π-states sharded over 2-3 processes (gloo, spawned here, one thread each).
+
+A sharded run must equal the one-process run step by step (float64: to rounding, the summation
+order changes), its checkpoints must load into any number of processes, and a dead or stuck rank
+must raise within the process group's timeout. Every spawn has a deadline: a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import pinet
+from pinet import distributed as pd
+from pinet.hooks import Accumulate, ClipGradNorm
+from pinet.optim import PiOptimizerWrapper
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+SPAWN_DEADLINE = 120.0  # seconds for one spawned group (start-up of 3 processes on a loaded box included)
+PG_TIMEOUT = 30.0  # the process group's timeout in the training workers
+RTOL = 1e-10  # float64; sharding only changes the summation order
+D_IN, D_OUT, R = 6, 3, 5
+STEPS, MORE = 13, 4  # micro-steps before the checkpoint (odd: Accumulate(2) holds a stash), after it
+
+
+# ------------------------------------------------------------------------------ spawning
+# Workers start like "spawn" (a fresh single-threaded process, no inherited OpenMP state), but from
+# a forkserver that has imported torch and pinet once: importing them takes 5-6 s per process on
+# the loaded 2-core CI box, 0.1-0.2 s per group through the forkserver (measured).
+if "forkserver" in mp.get_all_start_methods():
+    _START = "forkserver"
+    mp.get_context("forkserver").set_forkserver_preload(["torch", "pinet", "pinet.distributed"])
+else:  # pragma: no cover - not on Linux
+    _START = "spawn"
+
+def _entry(rank, fn, world, tmp, tag, pg_timeout, args):
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(tmp, f"store-{tag}"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=pg_timeout))  # fmt: skip
+    fn(rank, world, tmp, *args)
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world, tmp_path, *args, tag=None, pg_timeout=PG_TIMEOUT):
+    """Run ``fn(rank, world, tmp, *args)`` in ``world`` processes; a worker's exception fails the test
+    (with its traceback), and so does a group that is not done within SPAWN_DEADLINE."""
+    tag = tag or fn.__name__
+    ctx = mp.start_processes(_entry, args=(fn, world, str(tmp_path), tag, pg_timeout, args), nprocs=world,
+                             join=False, start_method=_START)  # fmt: skip
+    end = time.monotonic() + SPAWN_DEADLINE
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > end:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{world} processes of {fn.__name__} did not finish within {SPAWN_DEADLINE}s")
+
+
+# ------------------------------------------------------------------------------ the networks
+def _mlp() -> pinet.InfPiMLP:
+    net = pinet.InfPiMLP(D_IN, D_OUT, R, 1, bias_alpha=0.5, last_layer_alpha=0.5, dtype=torch.float64)
+    net.reset_parameters(torch.Generator().manual_seed(3))
+    return net
+
+
+def _optimizer(net):
+    sgd = torch.optim.SGD(net.parameters(), lr=0.4, momentum=0.9, weight_decay=1e-3)
+    # max_norm small enough that most steps are clipped (checked below through the stats).
+    opt = PiOptimizerWrapper(sgd, net, hooks=[Accumulate(2), ClipGradNorm(0.05)])
+    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
+
+
+def _batches(n, seed=11, b=5):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, D_IN, generator=gen, dtype=torch.float64), torch.randint(0, D_OUT, (b,), generator=gen))
+            for _ in range(n)]  # fmt: skip
+
+
+def _step(net, opt, sched, x, y):
+    """One micro-step; returns (outputs before the step, input gradient)."""
+    x = x.clone().requires_grad_()
+    out = net(x)
+    opt.zero_grad()
+    F.cross_entropy(out, y).backward()
+    opt.step()
+    if opt.stats.applied:
+        sched.step()
+    return out.detach(), x.grad
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+class TwoHeads(nn.Module):
+    """A custom π-network: one trunk, two readouts reading the same coordinate space."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.inp = pinet.InfPiInput(D_IN, R, dtype=torch.float64)
+        self.trunk = pinet.InfPiLayer(R, R, dtype=torch.float64)
+        self.head_a = pinet.InfPiLayer(R, 3, readout=True, dtype=torch.float64)
+        self.head_b = pinet.InfPiLayer(R, 2, readout=True, bias_alpha=0.0, dtype=torch.float64)
+        for m in (self.inp, self.trunk, self.head_a, self.head_b):
+            m.reset_parameters(gen)
+
+    def forward(self, x):
+        g = self.trunk(self.inp(x))
+        return self.head_a(g), self.head_b(g)
+
+
+# ------------------------------------------------------------------------------ workers
+def _train_worker(rank, world, tmp):
+    ref, net = _mlp(), pd.shard(_mlp())
+    ref_opt, ref_sched = _optimizer(ref)
+    opt, sched = _optimizer(net)
+    states = {n: m for n, m in net.named_modules() if isinstance(m, pinet.PiState)}
+    ref_states = {n: m for n, m in ref.named_modules() if isinstance(m, pinet.PiState)}
+    err = 0.0
+    clipped = 0
+    for i, (x, y) in enumerate(_batches(STEPS)):
+        if i == 5:
+            # Micro-step 4 is stashed, so this step applies; an inner optimizer that raises must
+            # leave the shard's local and global row counts (and everything else) as they were.
+            before = {n: (st.rows, st.global_rows) for n, st in states.items()}
+            real = opt.optimizer.step
+
+            def broken(*a, **k):
+                raise RuntimeError("injected")
+
+            opt.optimizer.step = broken
+            opt.zero_grad()
+            net(x).sum().backward()
+            with pytest.raises(RuntimeError, match="injected"):
+                opt.step()
+            opt.optimizer.step = real
+            for n, st in states.items():
+                assert (st.rows, st.global_rows) == before[n], n
+        out_ref, gx_ref = _step(ref, ref_opt, ref_sched, x, y)
+        out, gx = _step(net, opt, sched, x, y)
+        err = max(err, _rel(out, out_ref), _rel(gx, gx_ref))  # input gradient: not P times too large
+        assert opt.stats.applied == ref_opt.stats.applied
+        if opt.stats.applied:
+            clipped += opt.stats.grad_norm > 0.05
+            assert math.isclose(opt.stats.grad_norm, ref_opt.stats.grad_norm, rel_tol=1e-10)
+        for n, st in states.items():
+            assert st.global_rows == ref_states[n].rows, (i, n)
+            # Each rank holds its round-robin share: within one row of G/P.
+            assert st.rows == st.shard.local_rows(st.global_rows)
+            assert abs(st.rows - st.global_rows / world) <= 1
+    assert err < RTOL, err
+    assert clipped >= 3  # clipping really acted
+    full = pd.full_state_dict(net, dst=None)
+    mine = ref.state_dict()
+    assert full.keys() == mine.keys()
+    for k, v in mine.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            err = max(err, _rel(full[k], v))
+    full_opt = pd.full_optimizer_state_dict(opt, dst=None)
+    ref_sd = ref_opt.state_dict()
+    for idx, entry in ref_sd["optimizer"]["state"].items():
+        for key, v in entry.items():
+            if isinstance(v, torch.Tensor) and v.dim():
+                err = max(err, _rel(full_opt["optimizer"]["state"][idx][key], v))
+    stash = ref_sd["hooks"][3]["state"]["grads"]
+    assert stash, "the checkpoint must hold an Accumulate stash"
+    for k, v in stash.items():
+        got = full_opt["hooks"][3]["state"]["grads"][k]
+        if isinstance(v, torch.Tensor):
+            assert got.shape == v.shape
+            err = max(err, _rel(got, v) if v.abs().max() > 0 else float(got.abs().max()))
+    assert err < RTOL, err
+    # Ordinary tensors are replicated bit for bit.
+    flat = torch.cat([p.detach().reshape(-1) for n, p in net.named_parameters() if not n.endswith(".c")])
+    every = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(every, flat)
+    assert all(torch.equal(every[0], f) for f in every)
+
+    # Checkpoints: the whole layer on rank 0, each rank's own shard, and the one-process run's.
+    ck = {"model": pd.full_state_dict(net), "opt": pd.full_optimizer_state_dict(opt), "sched": sched.state_dict()}
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, os.path.join(tmp, f"shard{rank}.pt"))
+    if rank == 0:
+        torch.save(ck, os.path.join(tmp, "full.pt"))
+        torch.save({"model": ref.state_dict(), "opt": ref_opt.state_dict(), "sched": ref_sched.state_dict()},
+                   os.path.join(tmp, "one.pt"))  # fmt: skip
+    outs = [_step(net, opt, sched, x, y)[0] for x, y in _batches(MORE, seed=12)]
+    if rank == 0:
+        torch.save({"outs": outs, "err": err}, os.path.join(tmp, "cont.pt"))
+
+    # A custom network shards too.
+    ref2, net2 = TwoHeads(), pd.shard(TwoHeads())
+    opts = [PiOptimizerWrapper(torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.5), m, hooks=[ClipGradNorm(1.0)])
+            for m in (ref2, net2)]  # fmt: skip
+    err2 = 0.0
+    for x, y in _batches(6, seed=13):
+        outs2 = []
+        for m, o in zip((ref2, net2), opts):
+            a, b = m(x)
+            o.zero_grad()
+            (F.cross_entropy(a, y) + F.mse_loss(b, x[:, :2])).backward()
+            o.step()
+            outs2.append((a.detach(), b.detach()))
+        err2 = max(err2, _rel(outs2[1][0], outs2[0][0]), _rel(outs2[1][1], outs2[0][1]))
+    assert net2.head_b.state.global_rows == ref2.head_b.state.rows == R + 6 * 5
+    assert net2.trunk.state.rows == net2.trunk.state.shard.local_rows(R + 6 * 5)
+    assert err2 < RTOL, err2
+
+
+def _resume_worker(rank, world, tmp):
+    cont = torch.load(os.path.join(tmp, "cont.pt"))
+    for name in ("full.pt", "one.pt"):  # sharded-run checkpoint; one-process checkpoint
+        ck = torch.load(os.path.join(tmp, name), mmap=True)
+        net = pd.shard(_mlp())
+        pd.load_state_dict(net, ck["model"])
+        opt, sched = _optimizer(net)
+        pd.load_optimizer_state_dict(opt, ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        assert net.layers[1].state.rows == net.layers[1].state.shard.local_rows(net.layers[1].state.global_rows)
+        outs = [_step(net, opt, sched, x, y)[0] for x, y in _batches(MORE, seed=12)]
+        err = max(_rel(a, b) for a, b in zip(outs, cont["outs"]))
+        assert err < RTOL, (name, err)
+    # A shard of the 2-process run does not load into a 3-process run, whichever rank.
+    shard = torch.load(os.path.join(tmp, f"shard{min(rank, 1)}.pt"))
+    net = pd.shard(_mlp())
+    before = net.layers[1].state.A.clone()
+    with pytest.raises(pd.ShardMismatchError, match="2-process run, but this is rank"):
+        pd.load_state_dict(net, shard["model"])
+    with pytest.raises(pinet.StateDictError, match="pinet.distributed.load_state_dict"):
+        net.load_state_dict(shard["model"])
+    assert torch.equal(net.layers[1].state.A, before)  # nothing changed
+
+
+def _own_shard_worker(rank, world, tmp):
+    # Each rank's own shard loads back into the same rank of a run of the same size.
+    cont = torch.load(os.path.join(tmp, "cont.pt"))
+    ck = torch.load(os.path.join(tmp, f"shard{rank}.pt"))
+    net = pd.shard(_mlp())
+    pd.load_state_dict(net, ck["model"])
+    opt, sched = _optimizer(net)
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(torch.load(os.path.join(tmp, "full.pt"))["sched"])
+    outs = [_step(net, opt, sched, x, y)[0] for x, y in _batches(MORE, seed=12)]
+    assert max(_rel(a, b) for a, b in zip(outs, cont["outs"])) < RTOL
+
+
+def _failure_worker(rank, world, tmp, mode):
+    net = pd.shard(_mlp())
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    net(x)  # everyone alive: fine
+    dist.barrier()
+    if rank == 1:
+        if mode == "dead":
+            os._exit(0)  # dies without a word
+        time.sleep(float(os.environ.get("PINET_TEST_STUCK", "7")))  # alive but not taking part
+        return
+    t0 = time.monotonic()
+    try:
+        net(x)
+        outcome = "no error"
+    except pd.ShardError as e:
+        outcome = str(e)
+    torch.save({"outcome": outcome, "elapsed": time.monotonic() - t0}, os.path.join(tmp, f"{mode}.pt"))
+    os._exit(0)  # the group is broken: do not wait in destroy_process_group
+
+
+# ------------------------------------------------------------------------------ tests
+def test_sharded_training_checkpoints_and_resume(tmp_path, one_thread):
+    """2 processes train 13 micro-steps (momentum, weight decay, clipping, Accumulate(2), StepLR)
+    equal to one process; checkpoints then resume exactly in 1 and 3 processes and in 2 from
+    each rank's own shard; a shard refuses other world sizes."""
+    _spawn(_train_worker, 2, tmp_path)
+    cont = torch.load(tmp_path / "cont.pt")
+    assert cont["err"] < RTOL
+    # One process: the sharded run's checkpoint is an ordinary state dict.
+    ck = torch.load(tmp_path / "full.pt")
+    net = _mlp()
+    pinet.load_state_dict(net, ck["model"])
+    opt, sched = _optimizer(net)
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    outs = [_step(net, opt, sched, x, y)[0] for x, y in _batches(MORE, seed=12)]
+    assert max(_rel(a, b) for a, b in zip(outs, cont["outs"])) < RTOL
+    # A shard in one process: refused by every loader, naming the way out.
+    shard = torch.load(tmp_path / "shard0.pt")["model"]
+    with pytest.raises(pinet.StateDictError, match=r"rank 0's shard of a 2-process run"):
+        pinet.load_state_dict(_mlp(), shard)
+    with pytest.raises(pinet.StateDictError, match=r"_shard"):
+        pinet.InfPiMLP.from_state_dict(shard)
+    with pytest.raises(pd.ShardMismatchError, match="this model is not sharded"):
+        pd.load_state_dict(_mlp(), shard)
+    _spawn(_resume_worker, 3, tmp_path)
+    _spawn(_own_shard_worker, 2, tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["dead", "stuck"])
+def test_dead_or_stuck_rank_raises_within_the_timeout(tmp_path, mode, one_thread):
+    timeout = 4.0
+    _spawn(_failure_worker, 2, tmp_path, mode, pg_timeout=timeout)
+    res = torch.load(tmp_path / f"{mode}.pt")
+    assert "failed on rank 0 of 2" in res["outcome"] and "timeout" in res["outcome"], res["outcome"]
+    # gloo reports a closed connection at once; a rank that is alive but silent costs the timeout.
+    assert res["elapsed"] < timeout + 5.0, res
+
+
+def test_shard_refusals():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        pd.shard(_mlp())
+    st = pinet.PiState(3, 2, dtype=torch.float64)
+    st.append(torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    st.shard = pd.ShardInfo(None, 1, 3, 12)  # rank 1 of 3 holds 4 of 12 rows (1, 4, 7, 10)
+    # New global rows 12..16: rank 1 keeps 13 and 16, i.e. new rows 1 and 4.
+    keep = st.append(torch.arange(10.0).reshape(5, 2).double(), torch.zeros(5, 3, dtype=torch.float64))
+    assert st.rows == 6 and st.global_rows == 17 and keep == slice(1, None, 3)
+    assert st.A[4:, 0].tolist() == [2.0, 8.0]
+    with pytest.raises(ValueError, match="global_rows"):
+        st.truncate(4)
+    with pytest.raises(ValueError, match="puts 4 rows on rank 1"):
+        st.truncate(3, 12)
+    st.truncate(4, 12)
+    assert (st.rows, st.global_rows) == (4, 12)
