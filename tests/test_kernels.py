@@ -529,3 +529,15 @@ def test_forcing_fused_without_a_compiler_raises(monkeypatch, tmp_path):
     with pytest.raises(kernels.NativeUnavailable, match=r"g\+\+ \(or \$CXX\); none found"):
         kernels.set_backend("fused")
     assert kernels.setting() == "auto" and "fused" not in kernels.available_backends()
+
+
+def test_bench_gpu_projection_and_cpu_smoke(tmp_path, one_thread):
+    from benchmarks import bench_gpu
+
+    # t(M) = 2 + 0.001 M ms over s = 1..3 steps at batch 8: 3·2 + 0.001·8·(1 + 2 + 3) ms.
+    hours = bench_gpu.fit_projection([100, 300, 900], [2.1, 2.3, 2.9], steps=3, batch=8)
+    assert hours == pytest.approx((6 + 0.048) / 1e3 / 3600)
+    res = bench_gpu.main(["--device", "cpu", "--quick", "--backends", "torch", "--out", str(tmp_path)])
+    assert [r["M"] for r in res["rows"]] == [256, 512] and res["projected_hours"]["torch"] is not None
+    assert "| torch | 512 |" in (tmp_path / "bench_gpu_bfloat16.md").read_text()
+    assert kernels.setting() == "auto"
