@@ -18,11 +18,11 @@ from torch import Tensor
 __all__ = [
     "J",
     "J_prime",
-    "relu_kernel",
     "normalize_rows",
     "pi_product",
     "pi_rows_sqnorm",
     "project",
+    "relu_kernel",
 ]
 
 _TWO_PI = 2.0 * math.pi

@@ -9,12 +9,12 @@ nothing then); ``enable(False)`` / ``disable()`` returns a ``"native"`` setting 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from . import kernels
 from .kernels.native import PRELUDE, NativeUnavailable, _check, _compile, _load, reduce_into  # noqa: F401
 
-__all__ = ["NativeUnavailable", "enable", "disable", "enabled", "use", "reduce_into"]
+__all__ = ["NativeUnavailable", "disable", "enable", "enabled", "reduce_into", "use"]
 
 
 def enable(on: bool = True) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -42,17 +42,17 @@ from .native import NativeUnavailable
 
 __all__ = [
     "BACKENDS",
+    "COMPILE_CONFIG",
     "BackendUnavailable",
     "NativeUnavailable",
-    "pi_layer",
-    "backend",
-    "setting",
-    "set_backend",
-    "use_backend",
     "available_backends",
-    "unavailable_reason",
+    "backend",
     "compile_step",
-    "COMPILE_CONFIG",
+    "pi_layer",
+    "set_backend",
+    "setting",
+    "unavailable_reason",
+    "use_backend",
 ]
 
 BACKENDS = ("auto", "torch", "native", "fused", "triton")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import native, torch_ops
 
-__all__ = ["pi_product", "FusedPiProduct"]
+__all__ = ["FusedPiProduct", "pi_product"]
 
 
 def _serves(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor) -> bool:

@@ -31,12 +31,13 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from ._base import BackendUnavailable
 
-__all__ = ["NativeUnavailable", "reduce_into", "load", "load_fused", "fused_forward", "fused_backward_g"]
+__all__ = ["NativeUnavailable", "fused_backward_g", "fused_forward", "load", "load_fused", "reduce_into"]
 
 # Z (n, K) += V (M, n)ᵀ @ X (M, K), all row-major float32.
 # Each thread takes a contiguous range of rows and keeps its own partial Z; within it, blocks of

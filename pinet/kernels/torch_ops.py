@@ -10,7 +10,7 @@ tensors. Shapes: ḡ (b, r), A (M, r_out), B (M, r), c (M,) -> u (b, r_out).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from torch import Tensor
 from ..functional import pi_product as _reference_product
 from . import native
 
-__all__ = ["PiProduct", "pi_product", "backward", "torch_reduce", "native_reduce"]
+__all__ = ["PiProduct", "backward", "native_reduce", "pi_product", "torch_reduce"]
 
 _TWO_PI = 2.0 * math.pi
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import torch_ops
 
-__all__ = ["pi_product", "TritonPiProduct"]
+__all__ = ["TritonPiProduct", "pi_product"]
 
 _INV_TWO_PI = 1.0 / (2.0 * math.pi)
 _STORAGE = (torch.float32, torch.bfloat16, torch.float16)
@@ -69,7 +69,7 @@ def _fwd_kernel(
     gT = tl.load(g_ptr + ob[None, :] * r + orr[:, None], mask=(orr[:, None] < r) & (ob[None, :] < b), other=0.0)
     acc = tl.zeros((BLOCK_B, RO_PAD), dtype=tl.float32)
     first = pid * blocks_per_prog
-    for i in range(0, blocks_per_prog):
+    for i in range(blocks_per_prog):
         rows = (first + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         rm = rows < M
         Bt = tl.load(B_ptr + rows[:, None] * stride_b + orr[None, :], mask=rm[:, None] & (orr[None, :] < r), other=0.0)
@@ -102,7 +102,7 @@ def _bwd_kernel(
     dT = tl.load(d_ptr + ob[None, :] * r_out + oo[:, None], mask=dmask, other=0.0)  # (RO_PAD, BLOCK_B)
     acc = tl.zeros((BLOCK_B, R_PAD), dtype=tl.float32)
     first = pid * blocks_per_prog
-    for i in range(0, blocks_per_prog):
+    for i in range(blocks_per_prog):
         rows = (first + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         rm = rows < M
         bmask = rm[:, None] & (orr[None, :] < r)
