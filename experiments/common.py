@@ -183,7 +183,9 @@ def add_training_args(
     else:
         parser.set_defaults(width=0, save_dir="", save_model=False, resume=None, stop_after=None, test=False,
                             model_path=None)
-    arg("--r", type=int, default=d.get("r", 64), help="rank r of the π-net")
+    arg("--r", "--pi-rank", dest="r", type=int, default=d.get("r", 64),
+        help="rank r of the π-net (--pi-rank is the same flag: under torchrun, whose own parser takes --r "
+             "for an ambiguous abbreviation of its options, write --pi-rank 400 or put -- before the flags)")
     arg("--depth", type=int, default=d.get("depth", 1),
         help="number of HIDDEN π-layers, as in the reference library (its L): the net has an input layer, "
              "DEPTH hidden π-layers and an output π-layer, i.e. DEPTH+1 ReLUs")
@@ -248,6 +250,10 @@ def add_training_args(
     arg("--native", action="store_true",
         help="run the π-product's float32 reduce products in pinet.native's AVX2 kernel (x86-64 with AVX2 "
              "and g++; an error if unavailable). 20-23%% faster steps at 20k-40k rows on the development CPU")
+    arg("--dist-timeout", type=float, default=900.0, metavar="SECONDS",
+        help="under torchrun with several processes (the π-rows are sharded over them, docs/distributed.md): "
+             "the process group's timeout; a rank that died or hangs makes the others stop with an error "
+             "after at most this long. Must exceed the time rank 0 takes to write a checkpoint")
     parser.set_defaults(_default_precision=default_precision)
 
     io = parser.add_argument_group("outputs, checkpoints, evaluation" if single_run else "data subsets")
@@ -297,6 +303,8 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     for flag, v in values("first_layer_alpha", "last_layer_alpha", "bias_alpha", "last_bias_alpha"):
         if v is not None and not math.isfinite(v):
             bad(flag, f"must be finite, got {v}")
+    if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
+        bad("--dist-timeout", f"must be a positive number of seconds, got {args.dist_timeout}")
     for flag, v in values("threads", "chunk_size", "train_subset", "test_subset", "stop_after"):
         if v is not None and v < 1:
             bad(flag, f"must be a positive integer, got {v}")
@@ -332,13 +340,60 @@ def precision(args) -> tuple[torch.dtype, torch.dtype]:
 
 
 def resolve_device(args) -> torch.device:
-    """``cuda`` with ``--cuda`` (a :class:`CLIError` if there is no usable GPU), else ``cpu``."""
+    """``cuda`` with ``--cuda`` (a :class:`CLIError` if there is no usable GPU), else ``cpu``. Under
+    torchrun the GPU is ``cuda:LOCAL_RANK``."""
     if args.cuda:
         if not torch.cuda.is_available():
             raise CLIError("--cuda was given but CUDA is not available on this machine; run without --cuda "
                            "(on CPU the reference README also adds --float)")  # fmt: skip
+        if world_size() > 1:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise CLIError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                               "start at most one process per GPU (torchrun --nproc-per-node)")  # fmt: skip
+            return torch.device("cuda", local)
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------- several processes
+def world_size() -> int:
+    """Processes of this run: torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise CLIError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def rank() -> int:
+    """This process's rank (0 without torchrun or before the process group exists)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _init_distributed(args, device: torch.device) -> bool:
+    """Under torchrun with ``WORLD_SIZE > 1``: join the process group (NCCL on CUDA, gloo on CPU,
+    ``--dist-timeout``) and return True; else False. Finite nets are refused (nothing to shard)."""
+    if world_size() <= 1:
+        return False
+    import datetime
+
+    import torch.distributed as dist
+
+    if args.width:
+        raise CLIError(f"--width {args.width}: a finite π-net has no π-rows to shard over the {world_size()} "
+                       "processes; train it in one process (without torchrun)")  # fmt: skip
+    if not dist.is_available():
+        raise CLIError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"cannot join the {world_size()}-process group ({backend}): {_one_line(e)}") from None
+    return True
 
 
 # ---------------------------------------------------------------------------------- model, optimizer
@@ -404,8 +459,9 @@ def make_loss(kind: str, num_classes: int) -> Callable[[Tensor, Tensor], Tensor]
 
 
 def rows_per_layer(model: nn.Module) -> list[int]:
-    """``M`` of every π-layer of an infinite net (hidden then output); ``[]`` for finite nets."""
-    return [m.rows for m in model.modules() if isinstance(m, pinet.PiState)]
+    """``M`` of every π-layer of an infinite net (hidden then output), all processes together when
+    the rows are sharded; ``[]`` for finite nets."""
+    return [m.global_rows for m in model.modules() if isinstance(m, pinet.PiState)]
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -652,7 +708,8 @@ def _one_line(e: Exception) -> str:
 
 def _load(path: str, what: str) -> dict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Under torchrun every rank reads the file: mapped, so each keeps only its share in memory.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=world_size() > 1)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         first_line = str(e).splitlines()[0] if str(e) else ""
         raise CLIError(f"cannot read {what} {path}: {type(e).__name__}: {first_line}") from None
@@ -681,7 +738,7 @@ def load_model_file(path: str, device=None) -> nn.Module:
 # On --resume, flags that are not part of the training itself always come from the command line,
 # --epochs and --save-dir from the command line when given (else from the checkpoint / its
 # directory), and every other flag from the checkpoint (giving a different value is an error).
-_CLI_ONLY = {"resume", "no_progress", "human", "test", "model_path", "_default_precision", "threads",
+_CLI_ONLY = {"resume", "no_progress", "human", "test", "model_path", "_default_precision", "threads", "dist_timeout",
              "native", "chunk_size", "cuda", "data", "download", "save_model", "test_batch_size", "stop_after"}
 _CHANGEABLE = {"epochs", "save_dir"}
 
@@ -762,18 +819,26 @@ def fit(
     else:
         compute = next(model.parameters()).dtype
         kind = type(model).__name__ + (f", width {model.width}" if hasattr(model, "width") else "")
+    sharded = _shard_if_distributed(model)
+    if sharded:
+        kind += f", π-rows sharded over {world_size()} processes"
+    lead = rank() == 0  # under torchrun only rank 0 prints and writes files
     opt, sched = build_optimizer(args, model)
     loss_fn = make_loss(args.loss, data.d_out)
     data_gen = torch.Generator().manual_seed(args.seed + 1)  # data order: its own stream
     history: list[dict] = []
     start = 0
-    if args.save_dir:
+    if args.save_dir and lead:
         _prepare_save_dir(args.save_dir)
     if checkpoint is not None:
         _check_checkpoint(checkpoint, "the checkpoint")
         try:
+            # A sharded model keeps its share of the saved (whole-layer) rows and optimizer state.
             model.load_state_dict(checkpoint["model"])
-            opt.load_state_dict(checkpoint["optimizer"])
+            if sharded:
+                pinet.distributed.load_optimizer_state_dict(opt, checkpoint["optimizer"])
+            else:
+                opt.load_state_dict(checkpoint["optimizer"])
             if sched is not None:
                 sched.load_state_dict(checkpoint["scheduler"])
             _set_rng_state(checkpoint["rng"], data_gen)
@@ -786,7 +851,7 @@ def fit(
         random.seed(args.seed)
 
     save_dir = args.save_dir
-    say = (lambda *a: None) if quiet else print
+    say = (lambda *a: None) if quiet or not lead else print
     say(f"{kind}: r={args.r}, depth={args.depth} hidden π-layer(s), {data.name}: {data.n_train} train / "
         f"{data.n_test} test, {data.d_in} features, {data.d_out} classes, {compute}"
         + (f" (π-rows {storage})" if rows_per_layer(model) and storage != compute else "")
@@ -807,7 +872,7 @@ def fit(
         # The base learning rate now: schedulers scale every group by the same factor.
         lr = args.lr * group["lr"] / group["initial_lr"] if group.get("initial_lr") else args.lr
         bar = None
-        if progress:
+        if progress and lead:
             from tqdm import tqdm
 
             desc = f"epoch {epoch + 1}/{args.epochs}"
@@ -834,21 +899,39 @@ def fit(
         history.append(row)
         say(format_row(row))
         if save_dir:
+            # Sharded: every rank sends its rows, rank 0 writes the whole layer (a one-process
+            # checkpoint, loadable with any number of processes).
+            model_sd = pinet.distributed.full_state_dict(model) if sharded else model.state_dict()
+            opt_sd = pinet.distributed.full_optimizer_state_dict(opt) if sharded else opt.state_dict()
+        if save_dir and lead:
             ckpt = {
                 "format": CHECKPOINT_FORMAT, "args": _plain_args(args), "epoch": epoch + 1,
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "model": model_sd, "optimizer": opt_sd,
                 "scheduler": sched.state_dict() if sched is not None else None,
                 "rng": _rng_state(data_gen), "history": history,
             }  # fmt: skip
             _save(ckpt, os.path.join(save_dir, "checkpoint.pt"))
             if args.save_model:
-                _save(model.state_dict(), os.path.join(save_dir, "model.pt"))
+                _save(model_sd, os.path.join(save_dir, "model.pt"))
             write_csv(history, os.path.join(save_dir, "log.csv"))
-    if save_dir and history:
+    if save_dir and history and lead:
         plot_history(history, os.path.join(save_dir, "curves.png"), title or f"{kind} on {data.name}")
         files = "log.csv, curves.png, checkpoint.pt" + (", model.pt" if args.save_model else "")
         say(f"wrote {files} in {save_dir} (resume with --resume {os.path.join(save_dir, 'checkpoint.pt')})")
     return RunResult(history, model, save_dir)
+
+
+def _shard_if_distributed(model: nn.Module) -> bool:
+    """Shard ``model``'s π-rows over the process group if there is one (torchrun); True if it did."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    try:
+        pinet.distributed.shard(model)
+    except ValueError as e:
+        raise CLIError(f"cannot shard the model over {dist.get_world_size()} processes: {_one_line(e)}") from None
+    return True
 
 
 def _plain_args(args: argparse.Namespace) -> dict:
@@ -858,6 +941,7 @@ def _plain_args(args: argparse.Namespace) -> dict:
 def run_test(args, data, device: torch.device) -> dict[str, float]:
     """``--test --model-path``: evaluate a saved model on the test set and print one line."""
     model = load_model_file(args.model_path, device=device)
+    _shard_if_distributed(model)
     if model.d_in != data.d_in or model.d_out != data.d_out:
         raise CLIError(f"the model in {args.model_path} maps {model.d_in} -> {model.d_out} features but the "
                        f"data has {data.d_in} features and {data.d_out} classes")
@@ -865,9 +949,23 @@ def run_test(args, data, device: torch.device) -> dict[str, float]:
     loss_fn = make_loss(args.loss, data.d_out)
     res = evaluate(model, data.test_batches(args.test_batch_size), loss_fn, device=device, dtype=dtype)
     rows = rows_per_layer(model)
+    if rank() != 0:
+        return res
     print(f"test: loss {res['loss']:.4f}, accuracy {100 * res['acc']:.2f}% ({res['correct']}/{res['n']}), "
           f"model {args.model_path}" + (f" (M per π-layer: {','.join(map(str, rows))})" if rows else ""))
     return res
+
+
+def _who() -> str:
+    # Every rank reports its own errors; the prefix tells them apart.
+    return f"[rank {os.environ.get('RANK', '?')}] " if world_size() > 1 else ""
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cli(
@@ -899,6 +997,8 @@ def cli(
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         with contextlib.ExitStack() as scope:
+            if _init_distributed(args, device):
+                scope.callback(_leave_group)
             try:  # the setting is restored on return: cli() also runs inside other programs and tests
                 scope.enter_context(pinet.native.use(args.native))
             except pinet.native.NativeUnavailable as e:
@@ -908,8 +1008,11 @@ def cli(
                 return run_test(args, data, device)
             return fit(args, data, device=device, checkpoint=checkpoint, progress=progress(args))
     except CLIError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{_who()}{parser.prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except pinet.distributed.ShardError as e:  # a rank died or hung: the others stop, saying so
+        print(f"{_who()}{parser.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         where = os.path.join(args.save_dir, "checkpoint.pt") if args.save_dir else None
         hint = f"; resume with --resume {where}" if where and os.path.exists(where) else ""

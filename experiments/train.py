@@ -3,6 +3,12 @@
     python -m experiments.train                 # infinite π-net, defaults run in a few minutes on 2 CPU cores
     python -m experiments.train --width 1024    # the finite π-net sampled from the same initialisation
     python -m experiments.train --resume output/train/checkpoint.pt --epochs 10   # continue a run
+    torchrun --standalone --nproc-per-node 2 -m experiments.train --pi-rank 128   # π-rows on 2 processes
+
+Under torchrun with several processes the π-rows are sharded over them (pinet.distributed; gloo on
+CPU, NCCL with --cuda): rank 0 alone prints and writes files, checkpoints hold the whole layers
+and resume with any number of processes. Write ``--pi-rank`` for ``--r`` there (torchrun's own
+parser takes ``--r`` for an ambiguous abbreviation of its options); see docs/distributed.md.
 
 Prints a table row per epoch (train/test loss and accuracy, learning rate, gradient norm, π-rows M
 per infinite layer, epoch time) and writes ``log.csv``, ``curves.png`` and ``checkpoint.pt`` into

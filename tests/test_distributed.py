@@ -330,3 +330,50 @@ def test_shard_refusals():
         st.truncate(3, 12)
     st.truncate(4, 12)
     assert (st.rows, st.global_rows) == (4, 12)
+
+
+# ------------------------------------------------------------------------------ the training job
+def test_training_job_under_torchrun_equals_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m experiments.train --pi-rank ...`` logs what one process logs
+    (global row counts included); rank 0 alone prints and writes; its checkpoint resumes in one."""
+    import csv
+    import subprocess
+    import sys
+
+    from experiments import train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = ["--pi-rank", "12", "--epochs", "2", "--train-subset", "120", "--test-subset", "60", "--float64",
+             "--momentum", "0.9", "--accum-steps", "3", "--no-progress", "--threads", "1"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "experiments.train", *flags, "--save-dir", str(tmp_path / "two")]  # fmt: skip
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=SPAWN_DEADLINE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("epoch  train_loss") == 1  # one table: rank 0's
+    assert "π-rows sharded over 2 processes" in res.stdout
+    train.main([*flags, "--save-dir", str(tmp_path / "one")])
+
+    def log(name):
+        with open(tmp_path / name / "log.csv") as f:
+            return list(csv.DictReader(f))
+
+    two, one = log("two"), log("one")
+    assert [r["M_layer1"] for r in two] == [r["M_layer1"] for r in one] == ["108", "196"]  # r + the rows of the applied updates
+    for a, b in zip(two, one):
+        for k in ("train_loss", "test_loss", "grad_norm"):
+            assert math.isclose(float(a[k]), float(b[k]), rel_tol=1e-10), (k, a[k], b[k])
+    # The 2-process checkpoint is an ordinary one: it resumes in one process like the 1-process one.
+    train.main(["--resume", str(tmp_path / "two" / "checkpoint.pt"), "--epochs", "3", "--no-progress"])
+    train.main(["--resume", str(tmp_path / "one" / "checkpoint.pt"), "--epochs", "3", "--no-progress"])
+    two, one = log("two"), log("one")
+    assert math.isclose(float(two[-1]["train_loss"]), float(one[-1]["train_loss"]), rel_tol=1e-10)
+
+
+def test_training_job_refuses_finite_nets_with_several_processes(monkeypatch):
+    from experiments import common, train
+
+    args = train.build_parser().parse_args(["--width", "256"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(common.CLIError, match="finite π-net has no π-rows to shard"):
+        common._init_distributed(args, torch.device("cpu"))

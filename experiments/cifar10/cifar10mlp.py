@@ -6,7 +6,10 @@
         --last-layer-lr-mult 4.0 --first-layer-alpha 1.0 --last-layer-alpha 0.5 --no-apply-lr-mult-to-wd \\
         --save-dir ./output/
 
-(on CPU drop ``--cuda`` and add ``--float``, as the reference README says). The data is
+(on CPU drop ``--cuda`` and add ``--float``, as the reference README says). On a multi-GPU node,
+``torchrun --standalone --nproc-per-node 8 -m experiments.cifar10.cifar10mlp --pi-rank 400 ...``
+(the same flags, ``--pi-rank`` for ``--r``: torchrun's parser refuses ``--r``) shards every
+π-layer's rows over the 8 processes, one GPU each (docs/distributed.md). The data is
 torchvision's ``CIFAR10(root=--data, download=False)``: put the extracted ``cifar-10-batches-py/``
 under ``--data`` (or pass ``--download`` where there is network access). Images are normalised
 with the reference's per-channel mean/std and flattened to 3072 features.
