@@ -16,6 +16,7 @@ from .rows import PiRows
 from .sampling import MixedSpacesError, sample, trace
 from .state import FinPiState, PiState
 from . import testing  # noqa: E402  (needs the names above)
+from . import meta  # noqa: E402  (MAML; needs layers and optim)
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "trace",
     "MixedSpacesError",
     "testing",
+    "meta",
     "InfPiMLP",
     "FinPiMLP",
     "load_state_dict",

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, kernels
-from .state import FinPiState, PiState, _check_dtype
+from .state import FinPiState, PiState, _check_dtype, owned_parameters
 
 __all__ = [
     "ROLES",
     "InfPiModule",
     "FinPiModule",
     "pi_product",
+    "capture_rows",
     "init_pi_rows",
     "sample_pi_weight",
     "InfPiInput",
@@ -48,6 +49,15 @@ def _check_mult(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     return float(v)
+
+
+def _real(x, where: str) -> Tensor:
+    # `.to(float)` of a complex tensor silently drops the imaginary part.
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: input must be a tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{where}: input must be real (floating point or integer), got {x.dtype}")
+    return x
 
 
 class InfPiModule(nn.Module):
@@ -102,19 +112,7 @@ class FinPiModule(nn.Module):
         Default: every parameter of this module and its submodules, except those under a submodule
         that owns a :class:`~pinet.state.FinPiState` of its own (it projects them itself).
         """
-        yield from _owned_parameters(self)
-
-
-def _owned_parameters(module: nn.Module):
-    # Parameters of `module`, recursively, minus the subtrees of nested projector owners.
-    nested = [
-        name + "."
-        for name, m in module.named_modules()
-        if name and any(isinstance(ch, FinPiState) for ch in m.children())
-    ]
-    for name, p in module.named_parameters():
-        if not any(name.startswith(prefix) for prefix in nested):
-            yield name, p
+        yield from owned_parameters(self)
 
 
 def pi_product(state: PiState, g: Tensor, *, layernorm: bool = False, chunk_size: int | None = None) -> Tensor:
@@ -133,7 +131,7 @@ def pi_product(state: PiState, g: Tensor, *, layernorm: bool = False, chunk_size
         shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
         raise ValueError(f"pi_product: g must have shape (batch, {state.r_in}), got {shape}")
     c = state.c
-    g = g.to(c.dtype)
+    g = _real(g, "pi_product").to(c.dtype)
     shard = state.shard
     if shard is not None:
         # Rows sharded over processes (pinet.distributed): the tensor-parallel pair, so that the
@@ -267,7 +265,7 @@ class InfPiInput(_Multipliers, InfPiModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """(b, d_in) -> (b, r)."""
-        return self.alpha * self._add_bias(x.to(self.A.dtype) @ self.A)
+        return self.alpha * self._add_bias(_real(x, "InfPiInput").to(self.A.dtype) @ self.A)
 
     @torch.no_grad()
     def finite(self, omega_in: Tensor | None, omega_out: Tensor | None, *, dtype: torch.dtype) -> "FinPiInput":
@@ -385,7 +383,43 @@ class InfPiLayer(_Multipliers, InfPiModule):
 
 
 def _capture_hook(state: PiState, s: Tensor, gbar: Tensor, delta: Tensor) -> None:
+    if not _CAPTURE["enabled"]:
+        # A gradient that is not a training gradient (e.g. MAML's inner-loop autograd.grad):
+        # counted, so a caller can tell that a π-product was differentiated through.
+        _CAPTURE["suppressed"] += 1
+        return
     state.capture(s, gbar, delta)
+
+
+# Row capture switch (see capture_rows); a module-level flag read when a capture hook fires.
+_CAPTURE = {"enabled": True, "suppressed": 0}
+
+
+class capture_rows:
+    """Context manager: ``with pinet.layers.capture_rows(False): ...`` makes every π-product's
+    capture hook that fires inside the block record nothing (``True`` re-enables it).
+
+    For gradients that must not become π-rows, such as an inner-loop ``torch.autograd.grad``
+    (MAML, :mod:`pinet.meta`). The hooks registered by a forward inside the block still capture
+    in a later ``backward`` outside it. ``suppressed`` counts the hooks that fired while disabled
+    (π-products whose output received a gradient in the block)."""
+
+    def __init__(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"capture_rows: enabled must be a bool, got {enabled!r}")
+        self.enabled = enabled
+        self.suppressed = 0
+
+    def __enter__(self) -> "capture_rows":
+        self._saved = dict(_CAPTURE)
+        _CAPTURE["enabled"] = self.enabled
+        _CAPTURE["suppressed"] = 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.suppressed = _CAPTURE["suppressed"]
+        _CAPTURE["enabled"] = self._saved["enabled"]
+        _CAPTURE["suppressed"] = self._saved["suppressed"] + self.suppressed
 
 
 @torch.no_grad()
@@ -455,7 +489,7 @@ class FinPiInput(_Multipliers, FinPiModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """(b, d_in) -> (b, n)."""
-        return self.alpha * self._add_bias(x.to(self.weight.dtype) @ self.weight.T)
+        return self.alpha * self._add_bias(_real(x, "FinPiInput").to(self.weight.dtype) @ self.weight.T)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, width={self.width}, " + super().extra_repr()
@@ -506,7 +540,7 @@ class FinPiLayer(_Multipliers, FinPiModule):
 
     def forward(self, h: Tensor) -> Tensor:
         """(b, n_in) -> (b, n_out)."""
-        h = h.to(self.weight.dtype)
+        h = _real(h, "FinPiLayer").to(self.weight.dtype)
         if self.layernorm:
             h = h / h.norm(dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
         return self.alpha * self._add_bias(torch.relu(h) @ self.weight.T)
