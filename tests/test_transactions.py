@@ -319,3 +319,14 @@ def test_argument_errors_name_the_argument():
     with pytest.raises(ValueError, match="ClipGradNorm: per_param must be a bool"):
         ClipGradNorm(1.0, per_param="yes")
     assert math.isclose(ClipGradNorm(2).max_norm, 2.0)
+
+
+def test_complex_inputs_are_refused_by_every_layer():
+    torch.manual_seed(0)
+    inf = pinet.InfPiMLP(5, 3, 4, 1, dtype=D)
+    fin = inf.sample(64)
+    z = torch.randn(2, 5, dtype=torch.complex128)
+    for layer, x in [(inf.layers[0], z), (inf.layers[1], torch.randn(2, 4, dtype=torch.complex128)),
+                     (fin.layers[0], z), (fin.layers[1], torch.randn(2, 64, dtype=torch.complex128))]:  # fmt: skip
+        with pytest.raises(TypeError, match="input must be real"):
+            layer(x)
