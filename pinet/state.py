@@ -80,6 +80,13 @@ class ShardInfo:
         """The slice of ``k`` rows appended after the current ``global_rows`` that this rank keeps."""
         return slice((self.rank - self.global_rows) % self.world_size, None, self.world_size)
 
+    def __deepcopy__(self, memo) -> "ShardInfo":
+        # A copy of a sharded state is a shard of the same processes: share the group (process
+        # group handles cannot be copied), copy the counts.
+        new = ShardInfo(self.group, self.rank, self.world_size, self.global_rows)
+        memo[id(self)] = new
+        return new
+
     def __repr__(self) -> str:
         return f"ShardInfo(rank={self.rank}, world_size={self.world_size}, global_rows={self.global_rows})"
 

@@ -7,6 +7,7 @@ must raise within the process group's timeout. Every spawn has a deadline: a han
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 import os
@@ -330,6 +331,8 @@ def test_shard_refusals():
         st.truncate(3, 12)
     st.truncate(4, 12)
     assert (st.rows, st.global_rows) == (4, 12)
+    twin = copy.deepcopy(st)  # a copy is a shard of the same processes, with its own counts
+    assert twin.shard is not st.shard and (twin.shard.rank, twin.shard.world_size, twin.global_rows) == (1, 3, 12)
 
 
 # ------------------------------------------------------------------------------ the training job
