@@ -1,0 +1,1 @@
+"""Meta-learning jobs: ``python -m experiments.meta.train`` (MAML with π-nets; docs/meta.md)."""
