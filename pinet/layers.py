@@ -448,7 +448,11 @@ def sample_pi_weight(state: PiState, omega_in: Tensor, omega_out: Tensor | None,
 
     ``omega_in`` (n, r_in) is the input space's ``Ω``, ``omega_out`` (n_out, r_out) this layer's.
     The finite layer computes ``relu(h) Wᵀ`` (``relu(h / ‖h‖)`` where the infinite one uses
-    layernorm). Summed over chunks of M so temporaries stay near ``n × chunk``."""
+    layernorm). Summed over chunks of M so temporaries stay near ``n × chunk``.
+
+    A sharded state (:func:`pinet.distributed.shard`) sums its local rows and all-reduces ``W``
+    over its process group, so every rank gets the whole layer's weight: a collective call, made
+    by every rank with the same ``Ω``."""
     n = omega_in.shape[0]
     M = state.rows
     chunk = max(1, 2**24 // max(n, 1))
@@ -460,6 +464,8 @@ def sample_pi_weight(state: PiState, omega_in: Tensor, omega_out: Tensor | None,
         R = torch.relu(omega_in @ state.B[start:stop].to(dtype).T)  # (n, m)
         left = cA.T if omega_out is None else omega_out @ cA.T  # (rows_out, m)
         W += left @ R.T
+    if state.shard is not None:
+        distributed._all_reduce(W, state.shard.group, "sample_pi_weight")  # the rows are a sum
     return W / (n if omega_out is not None else math.sqrt(n))
 
 

@@ -188,6 +188,15 @@ def _train_worker(rank, world, tmp):
     every = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(every, flat)
     assert all(torch.equal(every[0], f) for f in every)
+    # pinet.sample and feature_kernel see the whole layer on every rank (collective calls).
+    fins = [pinet.sample(m, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            for m in (ref, net)]  # fmt: skip
+    fsd = [f.state_dict() for f in fins]
+    err = max([err] + [_rel(fsd[1][k], v) for k, v in fsd[0].items()
+                          if isinstance(v, torch.Tensor) and v.is_floating_point()])
+    x = _batches(1, seed=14)[0][0]
+    err = max(err, _rel(pinet.feature_kernel(net, x), pinet.feature_kernel(ref, x)))
+    assert err < RTOL, err
 
     # Checkpoints: the whole layer on rank 0, each rank's own shard, and the one-process run's.
     ck = {"model": pd.full_state_dict(net), "opt": pd.full_optimizer_state_dict(opt), "sched": sched.state_dict()}
