@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -10,7 +9,7 @@ from torch import Tensor, nn
 
 from .checkpoint import StateDictError
 from .checkpoint import load_state_dict as _load_state_dict
-from .layers import FinPiInput, FinPiLayer, InfPiInput, InfPiLayer, _check_dim, _check_mult, _Multipliers
+from .layers import InfPiInput, InfPiLayer, _check_dim, _check_mult, _Multipliers
 from .sampling import finite_layers, sample, trace
 from .state import _HALF, _check_dtype
 

@@ -1,13 +1,11 @@
 """PiOptimizerWrapper and hooks against plain hand-written references (float64)."""
 
 import io
-import math
 
 import pytest
 import torch
 
 import pinet
-from pinet import functional as F
 from pinet.hooks import Accumulate, ClipGradNorm, GradHook
 from pinet.optim import PiOptimizerWrapper, param_groups
 from pinet.testing import CoefficientSpaceReference

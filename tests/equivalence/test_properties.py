@@ -11,7 +11,6 @@ Statistic (see :class:`pinet.testing.Tracking`): ``S`` finite nets with independ
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
