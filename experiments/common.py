@@ -56,6 +56,7 @@ __all__ = [
     "format_row",
     "plot_history",
     "write_csv",
+    "write_history_csv",
     "cli",
     "atomic_write",
 ]
@@ -560,12 +561,12 @@ def format_row(row: dict) -> str:
     return "  ".join(vals[name].rjust(w) for name, w in _COLUMNS)
 
 
-def write_csv(history: list[dict], path: str) -> None:
-    """Write ``history`` as CSV: epoch, train/test loss and accuracy, lr, grad_norm, ``M_layer{i}``
-    (π-rows of layer i of an infinite net), epoch_time, elapsed (seconds)."""
+def write_history_csv(history: list[dict], path: str, head: list[str], tail: list[str]) -> None:
+    """Write ``history`` (one dict per epoch, π-rows per infinite layer under ``"rows"``) as CSV,
+    atomically: the columns ``head``, then ``M_layer{i}`` for every π-layer, then ``tail``."""
     n_layers = max((len(r.get("rows", [])) for r in history), default=0)
-    fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "grad_norm"]
-    fields += [f"M_layer{i + 1}" for i in range(n_layers)] + ["epoch_time", "elapsed"]
+    fields = list(head) + [f"M_layer{i + 1}" for i in range(n_layers)] + list(tail)
+
     def write(f) -> None:
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
         w = csv.DictWriter(text, fieldnames=fields)
@@ -578,6 +579,13 @@ def write_csv(history: list[dict], path: str) -> None:
         text.detach()  # leave the binary file open for the fsync
 
     atomic_write(path, write)
+
+
+def write_csv(history: list[dict], path: str) -> None:
+    """Write ``history`` as CSV: epoch, train/test loss and accuracy, lr, grad_norm, ``M_layer{i}``
+    (π-rows of layer i of an infinite net), epoch_time, elapsed (seconds)."""
+    head = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "grad_norm"]
+    write_history_csv(history, path, head, ["epoch_time", "elapsed"])
 
 
 def plot_history(history: list[dict], path: str, title: str = "") -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import math
 import os
 import sys
@@ -25,7 +23,7 @@ import time
 import torch
 
 import pinet
-from experiments.common import CLIError, atomic_write
+from experiments.common import CLIError, atomic_write, write_history_csv
 from experiments.meta.data import SPLITS, load_digits_tasks, load_omniglot
 from pinet.hooks import ClipGradNorm, ProjectToR
 from pinet.meta import MAML
@@ -262,22 +260,8 @@ def kernel_baseline(args, test, device) -> dict:
 def write_log(history: list[dict], path: str) -> None:
     """``log.csv``: epoch, train_outer_loss, train_accuracy, test_outer_loss, test_accuracy, lr,
     ``M_layer{i}`` (π-rows per infinite layer), epoch_time."""
-    n = max((len(r["rows"]) for r in history), default=0)
-    fields = ["epoch", "train_outer_loss", "train_accuracy", "test_outer_loss", "test_accuracy", "lr"]
-    fields += [f"M_layer{i + 1}" for i in range(n)] + ["epoch_time"]
-
-    def write(f) -> None:
-        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-        w = csv.DictWriter(text, fieldnames=fields)
-        w.writeheader()
-        for r in history:
-            row = {k: r[k] for k in fields if k in r}
-            row.update({f"M_layer{i + 1}": m for i, m in enumerate(r["rows"])})
-            w.writerow(row)
-        text.flush()
-        text.detach()
-
-    atomic_write(path, write)
+    head = ["epoch", "train_outer_loss", "train_accuracy", "test_outer_loss", "test_accuracy", "lr"]
+    write_history_csv(history, path, head, ["epoch_time"])
 
 
 def plot(history: list[dict], path: str, title: str) -> None:
