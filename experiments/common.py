@@ -55,6 +55,7 @@ __all__ = [
     "format_header",
     "format_row",
     "plot_history",
+    "plot_rows",
     "write_csv",
     "write_history_csv",
     "cli",
@@ -588,6 +589,22 @@ def write_csv(history: list[dict], path: str) -> None:
     write_history_csv(history, path, head, ["epoch_time", "elapsed"])
 
 
+def plot_rows(ax, history: list[dict]) -> None:
+    """Draw the π-rows ``M`` of each layer per epoch (``history[i]["rows"]``) on the matplotlib
+    axes ``ax``; a note for finite nets, which have none."""
+    ep = [r["epoch"] for r in history]
+    rows = [r.get("rows", []) for r in history]
+    if rows and rows[-1]:
+        for i in range(len(rows[-1])):
+            name = f"π-layer {i + 1}" + (" (output)" if i == len(rows[-1]) - 1 else "")
+            ax.plot(ep, [m[i] for m in rows], "o-", label=name)
+        ax.set(xlabel="epoch", ylabel="rows M", title="state size M per π-layer")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "finite net: fixed size", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title="state size M per π-layer", xticks=[], yticks=[])
+
+
 def plot_history(history: list[dict], path: str, title: str = "") -> None:
     """PNG with the learning curves (train/test loss and accuracy per epoch) and, for infinite nets,
     the number of π-rows ``M`` of each layer per epoch (matplotlib, Agg backend)."""
@@ -608,17 +625,7 @@ def plot_history(history: list[dict], path: str, title: str = "") -> None:
     ax.plot(ep, [100 * r["test_acc"] for r in history], "s-", label="test")
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     ax.legend()
-    ax = axes[2]
-    rows = [r.get("rows", []) for r in history]
-    if rows and rows[-1]:
-        for i in range(len(rows[-1])):
-            name = f"π-layer {i + 1}" + (" (output)" if i == len(rows[-1]) - 1 else "")
-            ax.plot(ep, [m[i] for m in rows], "o-", label=name)
-        ax.set(xlabel="epoch", ylabel="rows M", title="state size M per π-layer")
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "finite net: fixed size", ha="center", va="center", transform=ax.transAxes)
-        ax.set(title="state size M per π-layer", xticks=[], yticks=[])
+    plot_rows(axes[2], history)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -37,6 +37,18 @@ def _infinite(depth: int = 1, seed: int = 3, d: int = D, r: int = R) -> pinet.In
     return net
 
 
+def _pretrained() -> pinet.InfPiMLP:
+    # A few plain steps first, so the readout is not zero and every term of the meta-gradient is on.
+    net = _infinite()
+    opt = PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.3), net)
+    for xs, ys, _, _ in _tasks(11, n=3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xs), ys).backward()
+        opt.step()
+    opt.zero_grad()
+    return net
+
+
 def _handwritten_meta_grads(fin, tasks, eps, steps, adapt, first_order):
     """MAML written out by hand on the finite π-MLP's weights: plain ReLU MLP, explicit
     projections Ω (ΩᵀΩ)⁻¹ Ωᵀ on the non-readout layers' inner gradients, mean query loss."""
@@ -76,13 +88,7 @@ def _handwritten_meta_grads(fin, tasks, eps, steps, adapt, first_order):
 @pytest.mark.parametrize("adapt", ["readout", "all"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_finite_meta_gradient_equals_handwritten_maml(steps, adapt, first_order, one_thread):
-    inf = _infinite()
-    # A few plain steps first, so the readout is not zero and every term of the meta-gradient is on.
-    opt = PiOptimizerWrapper(torch.optim.SGD(inf.parameters(), lr=0.3), inf)
-    for xs, ys, _, _ in _tasks(11, n=3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(inf(xs), ys).backward()
-        opt.step()
+    inf = _pretrained()
     fin = pinet.sample(inf, 40, generator=torch.Generator().manual_seed(5), dtype=DT)
     tasks = _tasks(7)
     ref = _handwritten_meta_grads(fin, tasks, 0.4, steps, adapt, first_order)
@@ -122,13 +128,7 @@ def _perturbed_meta_loss(net, maml, tasks, rows, grads, t):
 def test_infinite_second_order_meta_gradient_is_exact(steps, one_thread):
     """The captured rows (query and support forwards) plus the ordinary gradients are the exact
     meta-gradient: the derivative of the meta-loss along them equals their squared norm."""
-    net = _infinite()
-    opt = PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.3), net)
-    for xs, ys, _, _ in _tasks(11, n=3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(xs), ys).backward()
-        opt.step()
-    opt.zero_grad()
+    net = _pretrained()
     maml = MAML(net, step_size=0.4, num_steps=steps, adapt="readout")
     tasks = _tasks(7)
     maml.meta_backward(tasks)

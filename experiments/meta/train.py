@@ -23,7 +23,7 @@ import time
 import torch
 
 import pinet
-from experiments.common import CLIError, atomic_write, write_history_csv
+from experiments.common import CLIError, atomic_write, plot_rows, rows_per_layer, write_history_csv
 from experiments.meta.data import SPLITS, load_digits_tasks, load_omniglot
 from pinet.hooks import ClipGradNorm, ProjectToR
 from pinet.meta import MAML
@@ -284,24 +284,13 @@ def plot(history: list[dict], path: str, title: str) -> None:
         ax[1].plot(ep, [100 * r["train_accuracy"] for r in history], "o-", label="meta-train")
     ax[1].set(xlabel="epoch", ylabel="accuracy after adaptation (%)", title="accuracy")
     ax[1].legend()
-    if history and history[-1]["rows"]:
-        for i in range(len(history[-1]["rows"])):
-            ax[2].plot(ep, [r["rows"][i] for r in history], "o-", label=f"π-layer {i + 1}")
-        ax[2].set(xlabel="epoch", ylabel="rows M", title="π-rows per layer")
-        ax[2].legend()
-    else:
-        ax[2].text(0.5, 0.5, "finite net: fixed size", ha="center", va="center", transform=ax[2].transAxes)
-        ax[2].set(xticks=[], yticks=[])
+    plot_rows(ax[2], history)
     fig.suptitle(title)
     fig.tight_layout()
     try:
         atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))
     finally:
         plt.close(fig)
-
-
-def _rows(model) -> list[int]:
-    return [m.rows for m in model.modules() if isinstance(m, pinet.PiState)]
 
 
 def _load(path: str) -> dict:
@@ -408,7 +397,7 @@ def run(args, progress: bool) -> dict:
             row.update(train_outer_loss=tl, train_accuracy=ta)
         te = meta_test(epoch + 1)
         row.update(test_outer_loss=te["outer_loss"], test_accuracy=te["accuracy"], lr=opt.param_groups[0]["lr"],
-                   rows=_rows(model), epoch_time=time.time() - t0)  # fmt: skip
+                   rows=rows_per_layer(model), epoch_time=time.time() - t0)  # fmt: skip
         history.append(row)
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"{epoch + 1:5d}  {fmt(row['train_outer_loss']):>16}  {fmt(row['train_accuracy']):>9}  "
