@@ -63,7 +63,8 @@ def test_default_backend_is_visible_and_torch_is_always_available():
 
 
 def test_auto_falls_back_to_torch_visibly_where_fused_cannot_be_built(monkeypatch, tmp_path):
-    monkeypatch.setattr(knative, "_fused_lib", None)
+    monkeypatch.setattr(knative, "_fused_libs", {})
+    monkeypatch.setattr(knative, "_fused_isa", None)
     monkeypatch.setattr(kernels, "_auto_choice", {})
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     monkeypatch.setenv("PINET_CACHE", str(tmp_path))
@@ -426,13 +427,33 @@ def test_bench_step_reports_each_backend(tmp_path, one_thread):
 needs_native = pytest.mark.skipif(not _native_ok(), reason="the fused kernel needs g++ and AVX2")
 
 
+def _isas() -> list[str]:
+    return [isa for isa in knative.FUSED_ISAS if knative._isa_reason(isa) is None] if _native_ok() else []
+
+
+@pytest.fixture(params=_isas() or ["none"])
+def isa(request):
+    """Each instruction set the fused kernels can run with here (AVX-512 and AVX2 on an AVX-512
+    CPU), restored afterwards."""
+    if request.param == "none":
+        pytest.skip("the fused kernel needs g++ and AVX2")
+    before = knative.fused_isa()
+    knative.set_fused_isa(request.param)
+    yield request.param
+    knative.set_fused_isa(before)
+
+
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("chunk", [None, 16])
-@pytest.mark.parametrize("b,r,r_out,M", [(3, 5, 7, 37), (1, 9, 3, 1), (7, 33, 17, 129), (8, 64, 10, 2501), (5, 20, 10, 0)])
-def test_fused_forward_and_four_gradients_match_float64(b, r, r_out, M, chunk, threads):
+@pytest.mark.parametrize(
+    "b,r,r_out,M",
+    [(3, 5, 7, 37), (1, 9, 3, 1), (7, 33, 17, 129), (8, 64, 10, 2501), (5, 20, 10, 0), (9, 100, 61, 300),
+     (12, 50, 400, 200)],
+)  # fmt: skip
+def test_fused_forward_and_four_gradients_match_float64(b, r, r_out, M, chunk, threads, isa):
     # Every tail: M below/across the 64-row blocks and the thread split, r and r_out below, at and
-    # above whole 8- and 64-float tiles, odd b.
+    # above whole 8-, 16-, 24- and 48-float tiles, b below, at and above 4 and 8 batch columns.
     from pinet.kernels import fused
 
     before = torch.get_num_threads()
@@ -520,8 +541,28 @@ def test_fused_backend_under_torch_compile(one_thread):
     assert _rel(out, want.detach()) < 2e-6 and _rel(gx, gx_want) < 2e-6
 
 
+@needs_native
+def test_fused_isa_is_visible_switchable_and_refused_where_the_cpu_lacks_it(monkeypatch):
+    want = "avx512" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "avx2"
+    assert knative.fused_isa() == want  # the widest this CPU runs, unless PINET_FUSED_ISA says otherwise
+    with pytest.raises(kernels.NativeUnavailable, match=r"isa must be one of \('avx512', 'avx2'\), got 'sse'"):
+        knative.set_fused_isa("sse")
+    assert knative.fused_isa() == want
+    monkeypatch.setattr(knative, "_fused_libs", {})
+    monkeypatch.setattr(knative, "_fused_isa", None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(kernels.NativeUnavailable, match="need AVX-512 F and VL; torch reports CPU capability AVX2"):
+        knative.set_fused_isa("avx512")
+    assert knative._fused_isa is None and knative.fused_isa() == "avx2"  # the default follows the CPU
+    monkeypatch.setattr(knative, "_fused_isa", None)
+    monkeypatch.setenv("PINET_FUSED_ISA", "avx1024")
+    with pytest.raises(kernels.NativeUnavailable, match="PINET_FUSED_ISA must be one of"):
+        knative.fused_isa()
+
+
 def test_forcing_fused_without_a_compiler_raises(monkeypatch, tmp_path):
-    monkeypatch.setattr(knative, "_fused_lib", None)
+    monkeypatch.setattr(knative, "_fused_libs", {})
+    monkeypatch.setattr(knative, "_fused_isa", None)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     monkeypatch.setenv("PINET_CACHE", str(tmp_path))
     with pytest.raises(kernels.NativeUnavailable, match=r"g\+\+ \(or \$CXX\); none found"):

@@ -9,7 +9,7 @@
   tensors (:mod:`pinet.kernels.native`, compiled with g++ on first use); other tensors use torch's
   products. Opt-in (it needs a C++ compiler at run time, and its gain depends on the CPU's BLAS):
   20-27% faster steps measured on AMD EPYC Zen 1 and Zen 4 CPUs (``docs/kernels.md``).
-* ``"fused"``: one C++ kernel (AVX2/FMA, OpenMP) per forward and ``∂ḡ`` backward that computes
+* ``"fused"``: one C++ kernel (AVX-512 or AVX2/FMA, OpenMP) per forward and ``∂ḡ`` backward that computes
   the cosines, ``J``, ``J'`` and both products per cache-sized block of rows
   (:mod:`pinet.kernels.fused`); float32 CPU tensors, others use torch's products. The default on
   CPUs where it can be built (x86-64 with AVX2 and g++): 1.7x faster steps than ``"torch"`` on

@@ -5,9 +5,11 @@ computes the cosines ``B_blk ḡᵀ``, ``arccos(-q)``, ``J(q)``, ``w = J(q) c`` 
 to the thread's partial ``u`` while the block is in cache; the backward computes ``A_blk δᵀ``,
 ``∂L/∂q`` and adds ``∂qᵀ B_blk`` to a partial ``∂ḡ`` (the cosines' ``arccos`` comes from the forward,
 or is recomputed from the block of ``B`` with ``chunk_size``, which the reduce then reads from
-cache). AVX2/FMA intrinsics (:mod:`pinet.kernels.native`, built by g++ on first use); on CPUs with
-AVX-512 the same AVX2 code runs. The rarely needed gradients for ``A``, ``B``, ``c`` (the rows and
-coefficients are constants in training) come from the torch backend's block-wise backward.
+cache). Each phase prefetches into L2 what the next one reads, so the state streams from memory
+while the products run. AVX-512 intrinsics on CPUs with AVX-512 F and VL, AVX2/FMA otherwise
+(:func:`pinet.kernels.native.fused_isa`; built by g++ on first use). The rarely needed gradients
+for ``A``, ``B``, ``c`` (the rows and coefficients are constants in training) come from the torch
+backend's block-wise backward.
 
 Serves float32 CPU tensors with float32 storage; other dtypes and devices use the torch backend's
 products (as the ``"native"`` backend does).
