@@ -481,6 +481,29 @@ def test_fused_forward_and_four_gradients_match_float64(b, r, r_out, M, chunk, t
 
 
 @needs_native
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,r,r_out,M", [(8, 64, 10, 2501), (9, 100, 61, 300), (3, 5, 7, 37)])
+def test_fused_half_storage_matches_float64_of_the_stored_rows(b, r, r_out, M, storage, isa):
+    # 16-bit rows: the AVX-512 kernels convert them as they load and sum in float32; the AVX2
+    # build does not serve them (the torch backend's block-wise products do, visibly).
+    from pinet.kernels import fused
+
+    gen = torch.Generator().manual_seed(M + b)
+    g = TF.normalize(torch.randn(b, r, generator=gen), dim=1)
+    A = torch.randn(M, r_out, generator=gen).to(storage)
+    B = TF.normalize(torch.randn(M, r, generator=gen), dim=1).to(storage)
+    c, d = torch.randn(M, generator=gen), torch.randn(b, r_out, generator=gen)
+    assert fused._serves(g, A, B, c) == (storage in knative.FUSED_STORAGE[isa])
+    gr = g.clone().requires_grad_()
+    u = fused.pi_product(gr, A, B, c, None)
+    (gg,) = torch.autograd.grad(u, gr, d)
+    want_u, (want_g,) = _reference(g.double(), A.double(), B.double(), c.double(), d.double(), (True, False, False, False))
+    assert u.dtype == torch.float32
+    # The formula on the stored (rounded) rows, computed in float32: float32 rounding.
+    assert _rel(u.detach(), want_u) < 2e-6 and _rel(gg, want_g) < 2e-6
+
+
+@needs_native
 def test_fused_backend_serves_float32_cpu_only():
     # float64 products take the torch backend's path even when forced: identical bits either way.
     gen = torch.Generator().manual_seed(0)

@@ -11,8 +11,10 @@ while the products run. AVX-512 intrinsics on CPUs with AVX-512 F and VL, AVX2/F
 for ``A``, ``B``, ``c`` (the rows and coefficients are constants in training) come from the torch
 backend's block-wise backward.
 
-Serves float32 CPU tensors with float32 storage; other dtypes and devices use the torch backend's
-products (as the ``"native"`` backend does).
+Serves float32 CPU computation with float32 rows, and with bfloat16 or float16 rows in the AVX-512
+build (:func:`pinet.kernels.native.fused_storage`; converted to float32 as they load, all sums in
+float32); other dtypes and devices use the torch backend's products (as the ``"native"`` backend
+does).
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ __all__ = ["FusedPiProduct", "pi_product"]
 
 
 def _serves(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (gbar, A, B, c))
+    # float32 ḡ and c on the CPU; rows A, B in a storage dtype the loaded build converts natively.
+    if not all(t.device.type == "cpu" for t in (gbar, A, B, c)):
+        return False
+    if gbar.dtype != torch.float32 or c.dtype != torch.float32 or A.dtype != B.dtype:
+        return False
+    return A.dtype == torch.float32 or A.dtype in native.fused_storage()
 
 
 def _rows(t: Tensor) -> Tensor:

@@ -46,6 +46,7 @@ __all__ = [
     "fused_backward_g",
     "fused_forward",
     "fused_isa",
+    "fused_storage",
     "load",
     "load_fused",
     "reduce_into",
@@ -203,10 +204,16 @@ static void j_chain(float* q, float* ac, int64_t n) {  // q <- 2π J(q) in place
   }
 }
 
-// Software prefetch into L2 of `floats` consecutive floats (one line per 16).
-static inline void pf_rows(const float* P, int64_t floats) {
-  for (int64_t o = 0; o < floats; o += 16) _mm_prefetch((const char*)(P + o), _MM_HINT_T1);
+// Software prefetch into L2 of n consecutive elements (one per 64-byte line).
+template <typename S>
+static inline void pf_rows(const S* P, int64_t n) {
+  for (int64_t o = 0; o < n; o += 64 / (int64_t)sizeof(S)) _mm_prefetch((const char*)(P + o), _MM_HINT_T1);
 }
+
+// Storage types of the state rows: float32, or 16-bit bfloat16 / IEEE half (converted to float32
+// as they are loaded; the AVX-512 kernels only).
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
 """
 
 # The two block operations of the fused kernels, once per instruction set, behind one interface:
@@ -298,6 +305,16 @@ static void reduce_block(const float* V, int64_t b, const float* X, int64_t K, i
 _AVX512_BLOCKS = r"""
 static inline __mmask16 kmask(int64_t rem) { return rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1u); }
 
+// 16 consecutive stored elements as float32 (masked: lanes outside m are 0). bfloat16 is the high
+// half of a float32; half uses the F16C conversion (exact: every half is a float32).
+static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 bf16x16(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+static inline __m512 ld16(const bf16_t* p) { return bf16x16(_mm256_loadu_si256((const __m256i*)p)); }
+static inline __m512 ld16(__mmask16 m, const bf16_t* p) { return bf16x16(_mm256_maskz_loadu_epi16(m, p)); }
+static inline __m512 ld16(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline __m512 ld16(__mmask16 m, const f16_t* p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
 // 8 accumulators (16 lanes each) -> one ymm holding their 8 horizontal sums, in order.
 static inline __m256 hsum8x16(const __m512* a) {
   __m512 s[4];
@@ -324,15 +341,15 @@ struct Wprep {  // W (n, K) zero-padded to (ceil(n / 8) * 8, Kp), Kp = K rounded
 };
 
 // Y (R rows, nc ≤ 8 columns) = X (R, K) Wpᵀ for 8 rows of the padded W.
-template <int R>
-static inline void dot16_tile(const float* X, int64_t K, const float* Wp, int64_t Kp, float* Y, int64_t ldy,
+template <int R, typename S>
+static inline void dot16_tile(const S* X, int64_t K, const float* Wp, int64_t Kp, float* Y, int64_t ldy,
                               int64_t nc, bool far) {
   __m512 acc[R][8];
   for (int r = 0; r < R; ++r) for (int c = 0; c < 8; ++c) acc[r][c] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 x[R];
-    for (int r = 0; r < R; ++r) x[r] = _mm512_loadu_ps(X + r * K + k);
+    for (int r = 0; r < R; ++r) x[r] = ld16(X + r * K + k);
     // The next tile's rows into L1 and, with far, the rows 24 ahead into L2 (one line per 16
     // floats); past the last row these name addresses outside X, which a prefetch may (it never faults).
     for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (R + r) * K + k), _MM_HINT_T0);
@@ -345,7 +362,7 @@ static inline void dot16_tile(const float* X, int64_t K, const float* Wp, int64_
   if (k < K) {
     const __mmask16 m = kmask(K - k);
     __m512 x[R];
-    for (int r = 0; r < R; ++r) x[r] = _mm512_maskz_loadu_ps(m, X + r * K + k);
+    for (int r = 0; r < R; ++r) x[r] = ld16(m, X + r * K + k);
     for (int c = 0; c < 8; ++c) {
       const __m512 w = _mm512_loadu_ps(Wp + c * Kp + k);
       for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(x[r], w, acc[r][c]);
@@ -355,8 +372,9 @@ static inline void dot16_tile(const float* X, int64_t K, const float* Wp, int64_
   for (int r = 0; r < R; ++r) _mm256_mask_storeu_ps(Y + r * ldy, om, hsum8x16(acc[r]));
 }
 
-static void dot_block(const float* X, int64_t rows, int64_t K, const Wprep& W, float* Y,
-                      const float* PF, int64_t pfk, bool far) {
+template <typename S>
+static void dot_block(const S* X, int64_t rows, int64_t K, const Wprep& W, float* Y,
+                      const S* PF, int64_t pfk, bool far) {
   const int64_t n = W.n, Kp = W.Kp;
   const float* Wp = W.w.data();
   int64_t i = 0;
@@ -370,16 +388,16 @@ static void dot_block(const float* X, int64_t rows, int64_t K, const Wprep& W, f
   }
 }
 
-template <int KB, int NV, bool TAIL>
-static inline void red_tile(const float* V, int64_t b, const float* X, int64_t K, int64_t rows, float* Z,
-                            __mmask16 m, const float*& pf, const float* pfe) {
+template <int KB, int NV, bool TAIL, typename S>
+static inline void red_tile(const float* V, int64_t b, const S* X, int64_t K, int64_t rows, float* Z,
+                            __mmask16 m, const S*& pf, const S* pfe) {
   __m512 acc[KB][NV];
   for (int kb = 0; kb < KB; ++kb) for (int v = 0; v < NV; ++v) acc[kb][v] = _mm512_setzero_ps();
   for (int64_t i = 0; i < rows; ++i) {
-    for (int p = 0; p < NV && pf < pfe; ++p) { _mm_prefetch((const char*)pf, _MM_HINT_T1); pf += 16; }
+    for (int p = 0; p < NV && pf < pfe; ++p) { _mm_prefetch((const char*)pf, _MM_HINT_T1); pf += 64 / sizeof(S); }
     __m512 x[NV];
     for (int v = 0; v < NV; ++v)
-      x[v] = (TAIL && v == NV - 1) ? _mm512_maskz_loadu_ps(m, X + i * K + 16 * v) : _mm512_loadu_ps(X + i * K + 16 * v);
+      x[v] = (TAIL && v == NV - 1) ? ld16(m, X + i * K + 16 * v) : ld16(X + i * K + 16 * v);
     for (int kb = 0; kb < KB; ++kb) {
       const __m512 s = _mm512_set1_ps(V[i * b + kb]);
       for (int v = 0; v < NV; ++v) acc[kb][v] = _mm512_fmadd_ps(s, x[v], acc[kb][v]);
@@ -393,21 +411,22 @@ static inline void red_tile(const float* V, int64_t b, const float* X, int64_t K
     }
 }
 
-template <int KB>
-static void red_cols(const float* V, int64_t b, const float* X, int64_t K, int64_t rows, float* Z,
-                     const float*& pf, const float* pfe) {
+template <int KB, typename S>
+static void red_cols(const float* V, int64_t b, const S* X, int64_t K, int64_t rows, float* Z,
+                     const S*& pf, const S* pfe) {
   int64_t j = 0;
-  for (; j + 48 <= K; j += 48) red_tile<KB, 3, false>(V, b, X + j, K, rows, Z + j, 0xFFFF, pf, pfe);
-  for (; j + 16 <= K; j += 16) red_tile<KB, 1, false>(V, b, X + j, K, rows, Z + j, 0xFFFF, pf, pfe);
-  if (j < K) red_tile<KB, 1, true>(V, b, X + j, K, rows, Z + j, kmask(K - j), pf, pfe);
+  for (; j + 48 <= K; j += 48) red_tile<KB, 3, false, S>(V, b, X + j, K, rows, Z + j, 0xFFFF, pf, pfe);
+  for (; j + 16 <= K; j += 16) red_tile<KB, 1, false, S>(V, b, X + j, K, rows, Z + j, 0xFFFF, pf, pfe);
+  if (j < K) red_tile<KB, 1, true, S>(V, b, X + j, K, rows, Z + j, kmask(K - j), pf, pfe);
 }
 
-static void reduce_block(const float* V, int64_t b, const float* X, int64_t K, int64_t rows, float* Z,
-                         const float* pf, const float* pfe) {
+template <typename S>
+static void reduce_block(const float* V, int64_t b, const S* X, int64_t K, int64_t rows, float* Z,
+                         const S* pf, const S* pfe) {
   int64_t k = 0;
-  for (; k + 8 <= b; k += 8) red_cols<8>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
-  for (; k + 4 <= b; k += 4) red_cols<4>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
-  for (; k < b; ++k) red_cols<1>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
+  for (; k + 8 <= b; k += 8) red_cols<8, S>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
+  for (; k + 4 <= b; k += 4) red_cols<4, S>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
+  for (; k < b; ++k) red_cols<1, S>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
 }
 """
 
@@ -423,10 +442,11 @@ static inline int64_t next_rows(int64_t r0, int64_t rows, int64_t e) {  // rows 
   return s >= e ? 0 : (s + FB < e ? FB : e - s);
 }
 
-// u (b, ro) += (J(B gᵀ) ⊙ c)ᵀ A; acos (M, b) receives arccos(-q) when not null.
-extern "C" void pinet_fused_fwd(const float* g, const float* A, const float* B, const float* c,
-                                int64_t M, int64_t b, int64_t r, int64_t ro, float inv2pi,
-                                float* u, float* acos_out, int nthreads) {
+// u (b, ro) += (J(B gᵀ) ⊙ c)ᵀ A; acos (M, b) receives arccos(-q) when not null. A and B stored
+// as S (float32 here; 16-bit types in the AVX-512 build), everything else float32.
+template <typename S>
+static void fused_fwd(const float* g, const S* A, const S* B, const float* c, int64_t M, int64_t b, int64_t r,
+                      int64_t ro, float inv2pi, float* u, float* acos_out, int nthreads) {
   std::vector<float> part((size_t)nthreads * b * ro, 0.f);
   const Wprep gp(g, b, r);
   // The reduce over A (ro columns) prefetches the next block of B (r columns); when ro < r it
@@ -458,9 +478,10 @@ extern "C" void pinet_fused_fwd(const float* g, const float* A, const float* B, 
 // gg (b, r) += ((A dᵀ) ⊙ arccos(-q) ⊙ c / 2π)ᵀ B: the gradient of ⟨d, u⟩ with respect to g.
 // acos_in (M, b) from the forward, or null to recompute the cosines from the block of B, which
 // the reduce then reads from cache.
-extern "C" void pinet_fused_bwd_g(const float* g, const float* d, const float* A, const float* B,
-                                  const float* c, const float* acos_in, int64_t M, int64_t b, int64_t r,
-                                  int64_t ro, float inv2pi, float* gg, int nthreads) {
+template <typename S>
+static void fused_bwd_g(const float* g, const float* d, const S* A, const S* B, const float* c,
+                        const float* acos_in, int64_t M, int64_t b, int64_t r, int64_t ro, float inv2pi,
+                        float* gg, int nthreads) {
   std::vector<float> part((size_t)nthreads * b * r, 0.f);
   const Wprep gp(g, b, r), dp(d, b, ro);
   const bool far = r < ro;  // as in the forward, with the roles of A and B exchanged
@@ -478,7 +499,7 @@ extern "C" void pinet_fused_bwd_g(const float* g, const float* d, const float* A
       if (acos_in) {
         acb = acos_in + r0 * b;
       } else {
-        dot_block(B + r0 * r, rows, r, gp, q.data(), nullptr, 0, false);
+        dot_block(B + r0 * r, rows, r, gp, q.data(), (const S*)nullptr, 0, false);
         j_chain(q.data(), ac.data(), rows * b);
         acb = ac.data();
       }
@@ -495,12 +516,34 @@ extern "C" void pinet_fused_bwd_g(const float* g, const float* d, const float* A
 }
 """
 
+# C entry points per storage type: pinet_fused_fwd / pinet_fused_bwd_g for float32 rows, with
+# suffix _bf16 / _f16 for 16-bit rows (AVX-512 build only).
+_ENTRY = r"""
+extern "C" void pinet_fused_fwd{sfx}(const float* g, const void* A, const void* B, const float* c, int64_t M,
+    int64_t b, int64_t r, int64_t ro, float inv2pi, float* u, float* acos_out, int nthreads) {{
+  fused_fwd(g, (const {S}*)A, (const {S}*)B, c, M, b, r, ro, inv2pi, u, acos_out, nthreads);
+}}
+extern "C" void pinet_fused_bwd_g{sfx}(const float* g, const float* d, const void* A, const void* B, const float* c,
+    const float* acos_in, int64_t M, int64_t b, int64_t r, int64_t ro, float inv2pi, float* gg, int nthreads) {{
+  fused_bwd_g(g, d, (const {S}*)A, (const {S}*)B, c, acos_in, M, b, r, ro, inv2pi, gg, nthreads);
+}}
+"""
+_STORAGE = {torch.float32: ("", "float"), torch.bfloat16: ("_bf16", "bf16_t"), torch.float16: ("_f16", "f16_t")}
+
+
+def _entries(dtypes) -> str:
+    return "".join(_ENTRY.format(sfx=_STORAGE[d][0], S=_STORAGE[d][1]) for d in dtypes)
+
+
 # Sources per instruction set; the AVX-512 one needs AVX-512 F and VL at build and run time.
+# The storage dtypes each build serves: 16-bit rows where the conversions are single AVX-512
+# instructions (half: vcvtph2ps; bfloat16: a widening shift); the AVX2 build keeps float32 only.
+FUSED_STORAGE = {"avx2": (torch.float32,), "avx512": (torch.float32, torch.bfloat16, torch.float16)}
 _FUSED_SOURCES = {
-    "avx2": PRELUDE + DOT + _J_CHAIN + _AVX2_BLOCKS + _FUSED_DRIVERS,
-    "avx512": PRELUDE + _J_CHAIN + _AVX512_BLOCKS + _FUSED_DRIVERS,
+    "avx2": PRELUDE + DOT + _J_CHAIN + _AVX2_BLOCKS + _FUSED_DRIVERS + _entries(FUSED_STORAGE["avx2"]),
+    "avx512": PRELUDE + _J_CHAIN + _AVX512_BLOCKS + _FUSED_DRIVERS + _entries(FUSED_STORAGE["avx512"]),
 }
-_ISA_FLAGS = {"avx2": [], "avx512": ["-mavx512f", "-mavx512vl"]}
+_ISA_FLAGS = {"avx2": [], "avx512": ["-mavx512f", "-mavx512vl", "-mavx512bw"]}
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 
@@ -616,10 +659,12 @@ def _load_isa(isa: str) -> ctypes.CDLL:
             raise NativeUnavailable(f"pinet.kernels.native: {reason}")
         lib = _compile(_FUSED_SOURCES[isa], f"pinet_fused_{isa}", tuple(_ISA_FLAGS[isa]))
         P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.pinet_fused_fwd.argtypes = [P, P, P, P, I, I, I, I, F, P, P, ctypes.c_int]
-        lib.pinet_fused_fwd.restype = None
-        lib.pinet_fused_bwd_g.argtypes = [P, P, P, P, P, P, I, I, I, I, F, P, ctypes.c_int]
-        lib.pinet_fused_bwd_g.restype = None
+        for dtype in FUSED_STORAGE[isa]:
+            sfx = _STORAGE[dtype][0]
+            getattr(lib, "pinet_fused_fwd" + sfx).argtypes = [P, P, P, P, I, I, I, I, F, P, P, ctypes.c_int]
+            getattr(lib, "pinet_fused_fwd" + sfx).restype = None
+            getattr(lib, "pinet_fused_bwd_g" + sfx).argtypes = [P, P, P, P, P, P, I, I, I, I, F, P, ctypes.c_int]
+            getattr(lib, "pinet_fused_bwd_g" + sfx).restype = None
         _fused_libs[isa] = lib
     return _fused_libs[isa]
 
@@ -664,42 +709,62 @@ def set_fused_isa(isa: str) -> None:
 _INV_TWO_PI = 1.0 / (2.0 * 3.141592653589793)
 
 
-def _fused_args(where: str, gbar: Tensor, A: Tensor, B: Tensor, c: Tensor) -> tuple[int, int, int, int]:
-    for name, t in (("gbar", gbar), ("A", A), ("B", B)):
-        _check(where, name, t)
+def fused_storage() -> tuple[torch.dtype, ...]:
+    """The storage dtypes of ``A`` and ``B`` the fused kernels of :func:`fused_isa` serve:
+    float32, and bfloat16 and float16 with the AVX-512 build."""
+    return FUSED_STORAGE[fused_isa()]
+
+
+def _fused_args(where: str, gbar: Tensor, A: Tensor, B: Tensor, c: Tensor) -> tuple[int, int, int, int, str]:
+    _check(where, "gbar", gbar)
+    storage = fused_storage()
+    for name, t in (("A", A), ("B", B)):
+        if t.dtype not in storage or t.device.type != "cpu" or t.dim() != 2 or not t.is_contiguous():
+            raise ValueError(
+                f"{where}: {name} must be a contiguous 2-d CPU tensor stored as one of {storage} (the "
+                f"{_fused_isa} kernels), got {t.dtype} on {t.device} with shape {tuple(t.shape)}, "
+                f"contiguous={t.is_contiguous()}"
+            )
+    if A.dtype != B.dtype:
+        raise ValueError(f"{where}: A and B must have one storage dtype, got {A.dtype} and {B.dtype}")
     if c.dtype != torch.float32 or c.device.type != "cpu" or c.dim() != 1 or not c.is_contiguous():
         raise ValueError(f"{where}: c must be a contiguous 1-d float32 CPU tensor, got {c.dtype} {tuple(c.shape)}")
     b, r = gbar.shape
     M, ro = A.shape
     if tuple(B.shape) != (M, r) or c.shape[0] != M:
         raise ValueError(f"{where}: B must be ({M}, {r}) and c ({M},), got {tuple(B.shape)} and {tuple(c.shape)}")
-    return M, b, r, ro
+    return M, b, r, ro, _STORAGE[A.dtype][0]
 
 
 def fused_forward(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor, keep: bool) -> tuple[Tensor, Tensor | None]:
-    """``u = (J(ḡ Bᵀ) ⊙ c) A`` (b, r_out) by the fused kernel, and ``arccos(-q)`` (M, b) if
-    ``keep``. All float32 contiguous CPU tensors: ḡ (b, r), A (M, r_out), B (M, r), c (M,)."""
+    """``u = (J(ḡ Bᵀ) ⊙ c) A`` (b, r_out) float32 by the fused kernel, and ``arccos(-q)`` (M, b) if
+    ``keep``. Contiguous CPU tensors: ḡ (b, r) and c (M,) float32, A (M, r_out) and B (M, r)
+    stored in one of :func:`fused_storage` (16-bit rows are converted to float32 as they load)."""
     lib = load_fused()
-    M, b, r, ro = _fused_args("pinet.kernels.native.fused_forward", gbar, A, B, c)
+    M, b, r, ro, sfx = _fused_args("pinet.kernels.native.fused_forward", gbar, A, B, c)
     u = torch.zeros(b, ro)
     acos = torch.empty(M, b) if keep else None
     if M and b:
-        lib.pinet_fused_fwd(gbar.data_ptr(), A.data_ptr(), B.data_ptr(), c.data_ptr(), M, b, r, ro, _INV_TWO_PI,
-                            u.data_ptr(), None if acos is None else acos.data_ptr(), torch.get_num_threads())  # fmt: skip
+        getattr(lib, "pinet_fused_fwd" + sfx)(
+            gbar.data_ptr(), A.data_ptr(), B.data_ptr(), c.data_ptr(), M, b, r, ro, _INV_TWO_PI,
+            u.data_ptr(), None if acos is None else acos.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
     return u, acos
 
 
 def fused_backward_g(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor, acos: Tensor | None, grad_u: Tensor) -> Tensor:
-    """``∂⟨grad_u, u⟩/∂ḡ`` (b, r) by the fused kernel; ``acos`` (M, b) from :func:`fused_forward`
-    or ``None`` (the cosines are recomputed per block)."""
+    """``∂⟨grad_u, u⟩/∂ḡ`` (b, r) float32 by the fused kernel; ``acos`` (M, b) from
+    :func:`fused_forward` or ``None`` (the cosines are recomputed per block). Tensors as in
+    :func:`fused_forward`, ``grad_u`` (b, r_out) float32."""
     lib = load_fused()
-    M, b, r, ro = _fused_args("pinet.kernels.native.fused_backward_g", gbar, A, B, c)
+    M, b, r, ro, sfx = _fused_args("pinet.kernels.native.fused_backward_g", gbar, A, B, c)
     _check("pinet.kernels.native.fused_backward_g", "grad_u", grad_u)
     if acos is not None:
         _check("pinet.kernels.native.fused_backward_g", "acos", acos)
     gg = torch.zeros(b, r)
     if M and b:
-        lib.pinet_fused_bwd_g(gbar.data_ptr(), grad_u.data_ptr(), A.data_ptr(), B.data_ptr(), c.data_ptr(),
-                              None if acos is None else acos.data_ptr(), M, b, r, ro, _INV_TWO_PI, gg.data_ptr(),
-                              torch.get_num_threads())  # fmt: skip
+        getattr(lib, "pinet_fused_bwd_g" + sfx)(
+            gbar.data_ptr(), grad_u.data_ptr(), A.data_ptr(), B.data_ptr(), c.data_ptr(),
+            None if acos is None else acos.data_ptr(), M, b, r, ro, _INV_TWO_PI, gg.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
     return gg
