@@ -575,6 +575,13 @@ def plot(rows: list[Row], cfg: Config, path: Path) -> None:
     plt.close(fig)
 
 
+def _isa_note() -> str:
+    """`` (AVX-512 build)``-style note on the fused kernels' instruction set, where they run."""
+    if "fused" not in pinet.kernels.available_backends():
+        return ""
+    return f" ({pinet.kernels.native.fused_isa()} build)"
+
+
 def _load_warning(load) -> str:
     # Timings on a shared machine are only meaningful when it is otherwise idle: with 2 threads
     # and a busy second core, every parallel region waits for a descheduled thread.
@@ -645,7 +652,7 @@ def _run(cfg: Config, a: argparse.Namespace) -> dict:
     header = (
         f"InfPiMLP(d_in={cfg.d_in}, d_out={cfg.d_out}, r={cfg.r}, depth={cfg.depth}), batch {cfg.batch}, "
         f"state {cfg.dtype}, chunk_size={cfg.chunk_size}, pinet.native {'on' if cfg.native else 'off'}, "
-        f"torch {torch.__version__}, "
+        f"torch {torch.__version__}, default backend {pinet.kernels.backend()}{_isa_note()}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average at end "
         f"{load[0]:.2f} / {load[1]:.2f} (1 / 5 min){_load_warning(load)}"
         + (" (quick: sizes too small for the targets to mean anything)" if a.quick else "")

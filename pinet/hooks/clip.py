@@ -8,7 +8,7 @@ from numbers import Real
 import torch
 
 from .base import GradHook, Grads, HookContext
-from .norm import grad_sqnorms, total_norm
+from .norm import grad_sqnorms, remember_sqnorm, total_norm
 
 __all__ = ["ClipGradNorm"]
 
@@ -45,6 +45,6 @@ class ClipGradNorm(GradHook):
             coef = self.max_norm / (float(total) + 1e-6)
             if coef < 1.0:
                 for k in names:
-                    g = out[k]
-                    out[k] = g * coef
+                    out[k] = out[k] * coef
+                    remember_sqnorm(ctx, k, out[k], sq[k] * coef**2)
         return out, state
