@@ -11,9 +11,10 @@
   20-27% faster steps measured on AMD EPYC Zen 1 and Zen 4 CPUs (``docs/kernels.md``).
 * ``"fused"``: one C++ kernel (AVX-512 or AVX2/FMA, OpenMP) per forward and ``∂ḡ`` backward that computes
   the cosines, ``J``, ``J'`` and both products per cache-sized block of rows
-  (:mod:`pinet.kernels.fused`); float32 CPU tensors, others use torch's products. The default on
-  CPUs where it can be built (x86-64 with AVX2 and g++): 1.7x faster steps than ``"torch"`` on
-  the benchmark network (``docs/kernels.md``).
+  (:mod:`pinet.kernels.fused`); float32 CPU computation with float32 rows (bfloat16/float16 rows
+  too in the AVX-512 build), others use torch's products. The default on CPUs where it can be
+  built (x86-64 with AVX2 and g++): 2.0-2.8x faster float32 steps than ``"torch"`` on the
+  benchmark network, 3.5-3.8x with bfloat16 rows (``docs/kernels.md``).
 * ``"triton"``: fused Triton kernels for CUDA tensors (:mod:`pinet.kernels.triton_pi`), float32
   compute with float32/bfloat16/float16 storage. Opt-in: tested for correctness under Triton's
   interpreter only; its speed on a GPU has not been measured (no GPU was available).
@@ -58,8 +59,8 @@ __all__ = [
 BACKENDS = ("auto", "torch", "native", "fused", "triton")
 
 # What "auto" picks per device type: the first that can run here. On CPUs the fused kernel,
-# proven equal to the float64 formula to float32 rounding and measured 1.7x faster than torch's
-# products on the benchmark network (docs/kernels.md); torch's products where it cannot be built
+# proven equal to the float64 formula to float32 rounding and measured 2.0-2.8x faster than
+# torch's products on the benchmark network (docs/kernels.md); torch's products where it cannot be built
 # (no x86-64 with AVX2, no g++). On CUDA torch's products: the Triton kernel is tested only
 # under the interpreter and its speed is unmeasured.
 _AUTO = {"cpu": ("fused", "torch"), "cuda": ("torch",)}
