@@ -484,8 +484,8 @@ def test_fused_forward_and_four_gradients_match_float64(b, r, r_out, M, chunk, t
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,r,r_out,M", [(8, 64, 10, 2501), (9, 100, 61, 300), (3, 5, 7, 37)])
 def test_fused_half_storage_matches_float64_of_the_stored_rows(b, r, r_out, M, storage, isa):
-    # 16-bit rows: the AVX-512 kernels convert them as they load and sum in float32; the AVX2
-    # build does not serve them (the torch backend's block-wise products do, visibly).
+    # 16-bit rows: both builds convert them as they load (AVX-512 masked 16-bit loads; AVX2
+    # through a zero-padded copy for the K tails) and sum in float32.
     from pinet.kernels import fused
 
     gen = torch.Generator().manual_seed(M + b)

@@ -11,8 +11,8 @@
   20-27% faster steps measured on AMD EPYC Zen 1 and Zen 4 CPUs (``docs/kernels.md``).
 * ``"fused"``: one C++ kernel (AVX-512 or AVX2/FMA, OpenMP) per forward and ``∂ḡ`` backward that computes
   the cosines, ``J``, ``J'`` and both products per cache-sized block of rows
-  (:mod:`pinet.kernels.fused`); float32 CPU computation with float32 rows (bfloat16/float16 rows
-  too in the AVX-512 build), others use torch's products. The default on CPUs where it can be
+  (:mod:`pinet.kernels.fused`); float32 CPU computation with float32, bfloat16 or float16 rows,
+  others use torch's products. The default on CPUs where it can be
   built (x86-64 with AVX2 and g++): 2.0-2.8x faster float32 steps than ``"torch"`` on the
   benchmark network, 3.5-3.8x with bfloat16 rows (``docs/kernels.md``).
 * ``"triton"``: fused Triton kernels for CUDA tensors (:mod:`pinet.kernels.triton_pi`), float32

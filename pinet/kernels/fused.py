@@ -11,10 +11,10 @@ while the products run. AVX-512 intrinsics on CPUs with AVX-512 F and VL, AVX2/F
 for ``A``, ``B``, ``c`` (the rows and coefficients are constants in training) come from the torch
 backend's block-wise backward.
 
-Serves float32 CPU computation with float32 rows, and with bfloat16 or float16 rows in the AVX-512
-build (:func:`pinet.kernels.native.fused_storage`; converted to float32 as they load, all sums in
-float32); other dtypes and devices use the torch backend's products (as the ``"native"`` backend
-does).
+Serves float32 CPU computation with float32, bfloat16 or float16 rows
+(:func:`pinet.kernels.native.fused_storage`; 16-bit rows are converted to float32 as they load,
+all sums in float32); other dtypes and devices use the torch backend's products (as the
+``"native"`` backend does).
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ static inline void pf_rows(const S* P, int64_t n) {
 }
 
 // Storage types of the state rows: float32, or 16-bit bfloat16 / IEEE half (converted to float32
-// as they are loaded; the AVX-512 kernels only).
+// as they are loaded).
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 """
@@ -231,38 +231,92 @@ struct f16_t { uint16_t bits; };
 # AVX2/FMA: dot by 2 rows × 4 columns of 8-wide accumulators and horizontal sums (DOT); reduce by
 # 4 batch columns × 3 vectors (12 accumulators), so each row of X is loaded b / 4 times from L1/L2.
 _AVX2_BLOCKS = r"""
+// 8 consecutive stored elements as float32; the masked form reads only the first rem (1..7) and
+// sets the other lanes to 0 (16-bit rows through a zero-padded copy: AVX2 has no 16-bit masked load).
+static inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 ld8(const float* p, int64_t rem) { return _mm256_maskload_ps(p, tail_mask(rem)); }
+static inline __m256 bf16x8(__m128i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)); }
+static inline __m256 ld8(const bf16_t* p) { return bf16x8(_mm_loadu_si128((const __m128i*)p)); }
+static inline __m256 ld8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+template <typename S>
+static inline __m256 ld8(const S* p, int64_t rem) {
+  alignas(16) S tmp[8] = {};
+  for (int64_t i = 0; i < rem; ++i) tmp[i] = p[i];
+  return ld8(tmp);
+}
+
 struct Wprep {
   const float* w;
   int64_t n;
   Wprep(const float* W, int64_t n_, int64_t) : w(W), n(n_) {}
 };
 
-static void dot_block(const float* X, int64_t rows, int64_t K, const Wprep& W, float* Y,
-                      const float* PF, int64_t pfk, bool far) {
+// Y (R rows, C columns) = X (R, K) Wᵀ: R × C 8-wide FMA accumulators over K and horizontal sums
+// (the DOT tile with X in its storage type).
+template <int R, int C, typename S>
+static inline void dot8_tile(const S* X, int64_t K, const float* W, float* Y, int64_t ldy) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 x[R];
+    for (int r = 0; r < R; ++r) x[r] = ld8(X + r * K + k);
+    // The next tile's rows, one line per 64 bytes (a prefetch past the last row never faults).
+    if ((k * (int64_t)sizeof(S)) % 64 == 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (R + r) * K + k), _MM_HINT_T0);
+    for (int c = 0; c < C; ++c) {
+      const __m256 w = _mm256_loadu_ps(W + c * K + k);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
+    }
+  }
+  if (k < K) {
+    __m256 x[R];
+    for (int r = 0; r < R; ++r) x[r] = ld8(X + r * K + k, K - k);
+    for (int c = 0; c < C; ++c) {
+      const __m256 w = _mm256_maskload_ps(W + c * K + k, tail_mask(K - k));
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) Y[r * ldy + c] = hsum8(acc[r][c]);
+}
+
+template <int R, typename S>
+static inline void dot8_rows(const S* X, int64_t K, const float* W, int64_t n, float* Y) {
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) dot8_tile<R, 4, S>(X, K, W + c * K, Y + c, n);
+  for (; c < n; ++c) dot8_tile<R, 1, S>(X, K, W + c * K, Y + c, n);
+}
+
+template <typename S>
+static void dot_block(const S* X, int64_t rows, int64_t K, const Wprep& W, float* Y,
+                      const S* PF, int64_t pfk, bool far) {
   const int64_t n = W.n;
   int64_t i = 0;
   for (; i + 2 <= rows; i += 2) {
     if (PF) pf_rows(PF + i * pfk, 2 * pfk);
     if (far) pf_rows(X + (i + 24) * K, 2 * K);
-    dot_rows<2>(X + i * K, K, W.w, n, Y + i * n);
+    dot8_rows<2, S>(X + i * K, K, W.w, n, Y + i * n);
   }
   if (i < rows) {
     if (PF) pf_rows(PF + i * pfk, pfk);
-    dot_rows<1>(X + i * K, K, W.w, n, Y + i * n);
+    dot8_rows<1, S>(X + i * K, K, W.w, n, Y + i * n);
   }
 }
 
-template <int KB, int NV, bool TAIL>
-static inline void multi_tile(const float* V, int64_t b, const float* X, int64_t K, int64_t rows, float* Z,
-                              __m256i m, const float*& pf, const float* pfe) {
+// Z (b, K) += V (rows, b)ᵀ X (rows, K) for one block of rows in cache: KB batch columns × NV
+// 8-wide vectors of X per register tile (4 × 3: 12 accumulators), each row of X loaded once per
+// 4 batch columns; prefetches [pf, pfe) one line per row.
+template <int KB, int NV, bool TAIL, typename S>
+static inline void multi_tile(const float* V, int64_t b, const S* X, int64_t K, int64_t rows, float* Z,
+                              int64_t rem, const S*& pf, const S* pfe) {
   __m256 acc[KB][NV];
   for (int kb = 0; kb < KB; ++kb)
     for (int v = 0; v < NV; ++v) acc[kb][v] = _mm256_setzero_ps();
   for (int64_t i = 0; i < rows; ++i) {
-    if (pf < pfe) { _mm_prefetch((const char*)pf, _MM_HINT_T1); pf += 16; }
+    if (pf < pfe) { _mm_prefetch((const char*)pf, _MM_HINT_T1); pf += 64 / sizeof(S); }
     __m256 x[NV];
     for (int v = 0; v < NV; ++v)
-      x[v] = (TAIL && v == NV - 1) ? _mm256_maskload_ps(X + i * K + 8 * v, m) : _mm256_loadu_ps(X + i * K + 8 * v);
+      x[v] = (TAIL && v == NV - 1) ? ld8(X + i * K + 8 * v, rem) : ld8(X + i * K + 8 * v);
     for (int kb = 0; kb < KB; ++kb) {
       const __m256 s = _mm256_broadcast_ss(V + i * b + kb);
       for (int v = 0; v < NV; ++v) acc[kb][v] = _mm256_fmadd_ps(s, x[v], acc[kb][v]);
@@ -272,6 +326,7 @@ static inline void multi_tile(const float* V, int64_t b, const float* X, int64_t
     for (int v = 0; v < NV; ++v) {
       float* z = Z + kb * K + 8 * v;
       if (TAIL && v == NV - 1) {
+        const __m256i m = tail_mask(rem);
         _mm256_maskstore_ps(z, m, _mm256_add_ps(_mm256_maskload_ps(z, m), acc[kb][v]));
       } else {
         _mm256_storeu_ps(z, _mm256_add_ps(_mm256_loadu_ps(z), acc[kb][v]));
@@ -279,21 +334,21 @@ static inline void multi_tile(const float* V, int64_t b, const float* X, int64_t
     }
 }
 
-template <int KB>
-static void multi_cols(const float* V, int64_t b, const float* X, int64_t K, int64_t rows, float* Z,
-                       const float*& pf, const float* pfe) {
-  const __m256i all = _mm256_set1_epi32(-1);
+template <int KB, typename S>
+static void multi_cols(const float* V, int64_t b, const S* X, int64_t K, int64_t rows, float* Z,
+                       const S*& pf, const S* pfe) {
   int64_t j = 0;
-  for (; j + 24 <= K; j += 24) multi_tile<KB, 3, false>(V, b, X + j, K, rows, Z + j, all, pf, pfe);
-  for (; j + 8 <= K; j += 8) multi_tile<KB, 1, false>(V, b, X + j, K, rows, Z + j, all, pf, pfe);
-  if (j < K) multi_tile<KB, 1, true>(V, b, X + j, K, rows, Z + j, tail_mask(K - j), pf, pfe);
+  for (; j + 24 <= K; j += 24) multi_tile<KB, 3, false, S>(V, b, X + j, K, rows, Z + j, 0, pf, pfe);
+  for (; j + 8 <= K; j += 8) multi_tile<KB, 1, false, S>(V, b, X + j, K, rows, Z + j, 0, pf, pfe);
+  if (j < K) multi_tile<KB, 1, true, S>(V, b, X + j, K, rows, Z + j, K - j, pf, pfe);
 }
 
-static void reduce_block(const float* V, int64_t b, const float* X, int64_t K, int64_t rows, float* Z,
-                         const float* pf, const float* pfe) {
+template <typename S>
+static void reduce_block(const float* V, int64_t b, const S* X, int64_t K, int64_t rows, float* Z,
+                         const S* pf, const S* pfe) {
   int64_t k = 0;
-  for (; k + 4 <= b; k += 4) multi_cols<4>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
-  for (; k < b; ++k) multi_cols<1>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
+  for (; k + 4 <= b; k += 4) multi_cols<4, S>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
+  for (; k < b; ++k) multi_cols<1, S>(V + k, b, X, K, rows, Z + k * K, pf, pfe);
 }
 """
 
@@ -443,7 +498,7 @@ static inline int64_t next_rows(int64_t r0, int64_t rows, int64_t e) {  // rows 
 }
 
 // u (b, ro) += (J(B gᵀ) ⊙ c)ᵀ A; acos (M, b) receives arccos(-q) when not null. A and B stored
-// as S (float32 here; 16-bit types in the AVX-512 build), everything else float32.
+// as S (float32, bf16_t or f16_t), everything else float32.
 template <typename S>
 static void fused_fwd(const float* g, const S* A, const S* B, const float* c, int64_t M, int64_t b, int64_t r,
                       int64_t ro, float inv2pi, float* u, float* acos_out, int nthreads) {
@@ -517,7 +572,7 @@ static void fused_bwd_g(const float* g, const float* d, const S* A, const S* B, 
 """
 
 # C entry points per storage type: pinet_fused_fwd / pinet_fused_bwd_g for float32 rows, with
-# suffix _bf16 / _f16 for 16-bit rows (AVX-512 build only).
+# suffix _bf16 / _f16 for 16-bit rows.
 _ENTRY = r"""
 extern "C" void pinet_fused_fwd{sfx}(const float* g, const void* A, const void* B, const float* c, int64_t M,
     int64_t b, int64_t r, int64_t ro, float inv2pi, float* u, float* acos_out, int nthreads) {{
@@ -536,14 +591,17 @@ def _entries(dtypes) -> str:
 
 
 # Sources per instruction set; the AVX-512 one needs AVX-512 F and VL at build and run time.
-# The storage dtypes each build serves: 16-bit rows where the conversions are single AVX-512
-# instructions (half: vcvtph2ps; bfloat16: a widening shift); the AVX2 build keeps float32 only.
-FUSED_STORAGE = {"avx2": (torch.float32,), "avx512": (torch.float32, torch.bfloat16, torch.float16)}
+# The storage dtypes each build serves: both convert 16-bit rows with native instructions (half:
+# F16C's vcvtph2ps, on every AVX2 CPU; bfloat16: a widening shift).
+FUSED_STORAGE = {
+    "avx2": (torch.float32, torch.bfloat16, torch.float16),
+    "avx512": (torch.float32, torch.bfloat16, torch.float16),
+}
 _FUSED_SOURCES = {
     "avx2": PRELUDE + DOT + _J_CHAIN + _AVX2_BLOCKS + _FUSED_DRIVERS + _entries(FUSED_STORAGE["avx2"]),
     "avx512": PRELUDE + _J_CHAIN + _AVX512_BLOCKS + _FUSED_DRIVERS + _entries(FUSED_STORAGE["avx512"]),
 }
-_ISA_FLAGS = {"avx2": [], "avx512": ["-mavx512f", "-mavx512vl", "-mavx512bw"]}
+_ISA_FLAGS = {"avx2": ["-mf16c"], "avx512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mf16c"]}
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 
@@ -649,6 +707,10 @@ def _isa_reason(isa: str) -> str | None:
     # torch reports "AVX512" only where AVX-512 F, BW, DQ and VL are all present.
     if isa == "avx512" and not cap.startswith("AVX512"):
         return f"the AVX-512 kernels need AVX-512 F and VL; torch reports CPU capability {cap}"
+    # Half rows convert with F16C (on every AVX2 CPU made; checked where the kernel lists flags).
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and " f16c" not in cpuinfo.read_text():
+        return "the fused kernels need F16C (half-precision conversions); /proc/cpuinfo does not list it"
     return None
 
 
@@ -711,7 +773,7 @@ _INV_TWO_PI = 1.0 / (2.0 * 3.141592653589793)
 
 def fused_storage() -> tuple[torch.dtype, ...]:
     """The storage dtypes of ``A`` and ``B`` the fused kernels of :func:`fused_isa` serve:
-    float32, and bfloat16 and float16 with the AVX-512 build."""
+    float32, bfloat16 and float16 in both builds."""
     return FUSED_STORAGE[fused_isa()]
 
 
