@@ -779,7 +779,7 @@ def fused_storage() -> tuple[torch.dtype, ...]:
 
 def _fused_args(where: str, gbar: Tensor, A: Tensor, B: Tensor, c: Tensor) -> tuple[int, int, int, int, str]:
     _check(where, "gbar", gbar)
-    storage = fused_storage()
+    storage = FUSED_STORAGE[_fused_isa]  # the callers loaded the kernels (load_fused) first
     for name, t in (("A", A), ("B", B)):
         if t.dtype not in storage or t.device.type != "cpu" or t.dim() != 2 or not t.is_contiguous():
             raise ValueError(
