@@ -96,6 +96,16 @@ class RaisingSGD(torch.optim.SGD):
         raise RuntimeError("inner optimizer failed")
 
 
+def _failed_step_changes_nothing(net, opt):
+    # One step whose inner optimizer raises after writing every parameter; then SGD again.
+    opt.optimizer.__class__ = RaisingSGD
+    before = _everything(net, opt)
+    with pytest.raises(RuntimeError, match="inner optimizer failed"):
+        opt.step()
+    _same(before, _everything(net, opt))
+    opt.optimizer.__class__ = torch.optim.SGD
+
+
 def _run(fail: bool):
     # 5 steps with Accumulate(2) end in a half-finished accumulation cycle; then one step that
     # (optionally) fails inside the inner optimizer and is retried.
@@ -109,12 +119,7 @@ def _run(fail: bool):
     opt.zero_grad()
     _backward(net)
     if fail:
-        opt.optimizer.__class__ = RaisingSGD
-        before = _everything(net, opt)
-        with pytest.raises(RuntimeError, match="inner optimizer failed"):
-            opt.step()
-        _same(before, _everything(net, opt))
-        opt.optimizer.__class__ = torch.optim.SGD
+        _failed_step_changes_nothing(net, opt)
     opt.step()
     with torch.no_grad():
         return net(torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=D))
@@ -126,6 +131,30 @@ def test_inner_optimizer_that_raises_leaves_everything_as_before():
     ok, retried = _run(False), _run(True)
     assert torch.isfinite(ok).all() and ok.abs().max() > 1e-3
     assert torch.equal(ok, retried)
+
+
+def _run_pattern(fails):
+    # One step per entry of `fails`; a True entry first fails inside the inner optimizer (checked
+    # to leave everything as before), then is retried.
+    net = _net()
+    opt = _opt(net, hooks=[ClipGradNorm(0.5)], cls=RaisingSGD)
+    opt.optimizer.__class__ = torch.optim.SGD
+    for s, fail in enumerate(fails):
+        opt.zero_grad()
+        _backward(net, seed=30 + s)
+        if fail:
+            _failed_step_changes_nothing(net, opt)
+        opt.step()
+    with torch.no_grad():
+        return net(torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=D))
+
+
+def test_repeated_failures_restore_state_that_no_later_snapshot_overwrites():
+    # Failures back to back and between good steps: each restore must leave nothing that a later
+    # step's snapshot or inner step writes through (a restored state aliasing the snapshot's copies).
+    ok = _run_pattern([False] * 5)
+    assert torch.isfinite(ok).all() and ok.abs().max() > 1e-3
+    assert torch.equal(ok, _run_pattern([True, False, True, True, False]))
 
 
 def test_non_atomic_wrapper_still_restores_rows_state_shapes_and_hooks():

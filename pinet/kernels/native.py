@@ -76,6 +76,12 @@ static inline __m256i tail_mask(int64_t rem) {  // first rem (1..7) lanes
 # masked loads for the K tail, any n (C = 4, then 1). The blocking was picked by measuring 2×4,
 # 3×4 and 4×2 on a Zen 1 machine (benchmarks/thin_gemm.py, which also uses it).
 DOT = r"""
+// 8 consecutive float32 as one vector; the masked form reads only the first rem (1..7) and sets
+// the other lanes to 0. The fused AVX2 build adds overloads for 16-bit rows (found by
+// argument-dependent lookup when dot_tile is instantiated for them).
+static inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 ld8(const float* p, int64_t rem) { return _mm256_maskload_ps(p, tail_mask(rem)); }
+
 static inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -83,36 +89,38 @@ static inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int R, int C>
-static inline void dot_tile(const float* X, int64_t K, const float* W, float* Y, int64_t ldy) {
+// Y (R rows, C columns) = X (R, K) Wᵀ: R × C 8-wide FMA accumulators over K and horizontal sums;
+// X stored as S (float32 here, 16-bit rows in the fused build), W float32.
+template <int R, int C, typename S>
+static inline void dot_tile(const S* X, int64_t K, const float* W, float* Y, int64_t ldy) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 x[R];
-    for (int r = 0; r < R; ++r) x[r] = _mm256_loadu_ps(X + r * K + k);
-    // The next tile's rows, one cache line per 16 floats: streaming 36 vs 31 GFLOP/s measured.
+    for (int r = 0; r < R; ++r) x[r] = ld8(X + r * K + k);
+    // The next tile's rows, one cache line per 64 bytes: streaming 36 vs 31 GFLOP/s measured.
     // Past the last row this names addresses outside X, which a prefetch may do (it never faults).
-    if ((k & 15) == 0) for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (R + r) * K + k), _MM_HINT_T0);
+    if ((k * (int64_t)sizeof(S)) % 64 == 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (R + r) * K + k), _MM_HINT_T0);
     for (int c = 0; c < C; ++c) {
-      __m256 w = _mm256_loadu_ps(W + c * K + k);
+      const __m256 w = _mm256_loadu_ps(W + c * K + k);
       for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
     }
   }
   if (k < K) {
-    const __m256i m = tail_mask(K - k);
     __m256 x[R];
-    for (int r = 0; r < R; ++r) x[r] = _mm256_maskload_ps(X + r * K + k, m);
+    for (int r = 0; r < R; ++r) x[r] = ld8(X + r * K + k, K - k);
     for (int c = 0; c < C; ++c) {
-      __m256 w = _mm256_maskload_ps(W + c * K + k, m);
+      const __m256 w = _mm256_maskload_ps(W + c * K + k, tail_mask(K - k));
       for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
     }
   }
   for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) Y[r * ldy + c] = hsum8(acc[r][c]);
 }
 
-template <int R>
-static inline void dot_rows(const float* X, int64_t K, const float* W, int64_t n, float* Y) {
+template <int R, typename S>
+static inline void dot_rows(const S* X, int64_t K, const float* W, int64_t n, float* Y) {
   int64_t c = 0;
   for (; c + 4 <= n; c += 4) dot_tile<R, 4>(X, K, W + c * K, Y + c, n);
   for (; c < n; ++c) dot_tile<R, 1>(X, K, W + c * K, Y + c, n);
@@ -231,10 +239,8 @@ struct f16_t { uint16_t bits; };
 # AVX2/FMA: dot by 2 rows × 4 columns of 8-wide accumulators and horizontal sums (DOT); reduce by
 # 4 batch columns × 3 vectors (12 accumulators), so each row of X is loaded b / 4 times from L1/L2.
 _AVX2_BLOCKS = r"""
-// 8 consecutive stored elements as float32; the masked form reads only the first rem (1..7) and
-// sets the other lanes to 0 (16-bit rows through a zero-padded copy: AVX2 has no 16-bit masked load).
-static inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 ld8(const float* p, int64_t rem) { return _mm256_maskload_ps(p, tail_mask(rem)); }
+// 16-bit rows as 8 float32 (DOT's ld8 for float32 rows); the masked form goes through a
+// zero-padded copy (AVX2 has no 16-bit masked load).
 static inline __m256 bf16x8(__m128i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)); }
 static inline __m256 ld8(const bf16_t* p) { return bf16x8(_mm_loadu_si128((const __m128i*)p)); }
 static inline __m256 ld8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
@@ -251,42 +257,6 @@ struct Wprep {
   Wprep(const float* W, int64_t n_, int64_t) : w(W), n(n_) {}
 };
 
-// Y (R rows, C columns) = X (R, K) Wᵀ: R × C 8-wide FMA accumulators over K and horizontal sums
-// (the DOT tile with X in its storage type).
-template <int R, int C, typename S>
-static inline void dot8_tile(const S* X, int64_t K, const float* W, float* Y, int64_t ldy) {
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 x[R];
-    for (int r = 0; r < R; ++r) x[r] = ld8(X + r * K + k);
-    // The next tile's rows, one line per 64 bytes (a prefetch past the last row never faults).
-    if ((k * (int64_t)sizeof(S)) % 64 == 0)
-      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (R + r) * K + k), _MM_HINT_T0);
-    for (int c = 0; c < C; ++c) {
-      const __m256 w = _mm256_loadu_ps(W + c * K + k);
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
-    }
-  }
-  if (k < K) {
-    __m256 x[R];
-    for (int r = 0; r < R; ++r) x[r] = ld8(X + r * K + k, K - k);
-    for (int c = 0; c < C; ++c) {
-      const __m256 w = _mm256_maskload_ps(W + c * K + k, tail_mask(K - k));
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) Y[r * ldy + c] = hsum8(acc[r][c]);
-}
-
-template <int R, typename S>
-static inline void dot8_rows(const S* X, int64_t K, const float* W, int64_t n, float* Y) {
-  int64_t c = 0;
-  for (; c + 4 <= n; c += 4) dot8_tile<R, 4, S>(X, K, W + c * K, Y + c, n);
-  for (; c < n; ++c) dot8_tile<R, 1, S>(X, K, W + c * K, Y + c, n);
-}
-
 template <typename S>
 static void dot_block(const S* X, int64_t rows, int64_t K, const Wprep& W, float* Y,
                       const S* PF, int64_t pfk, bool far) {
@@ -295,11 +265,11 @@ static void dot_block(const S* X, int64_t rows, int64_t K, const Wprep& W, float
   for (; i + 2 <= rows; i += 2) {
     if (PF) pf_rows(PF + i * pfk, 2 * pfk);
     if (far) pf_rows(X + (i + 24) * K, 2 * K);
-    dot8_rows<2, S>(X + i * K, K, W.w, n, Y + i * n);
+    dot_rows<2>(X + i * K, K, W.w, n, Y + i * n);
   }
   if (i < rows) {
     if (PF) pf_rows(PF + i * pfk, pfk);
-    dot8_rows<1, S>(X + i * K, K, W.w, n, Y + i * n);
+    dot_rows<1>(X + i * K, K, W.w, n, Y + i * n);
   }
 }
 
