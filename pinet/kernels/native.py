@@ -533,11 +533,12 @@ static void fused_bwd_g(const float* g, const float* d, const S* A, const S* B, 
         for (int64_t k = 0; k < b; ++k) gw[i * b + k] *= acb[i * b + k] * ci;  // ∂L/∂q
       }
       const int64_t nx = next_rows(r0, rows, e);
-      // With a narrow A (the readout, ro < r) the next block of A is a few lines and the dot over
-      // it too short to hide the latency of this block's B: the reduce prefetches its own next
-      // block of B instead.
-      if (ro < r) reduce_block(gw.data(), b, B + r0 * r, r, rows, P, B + (r0 + rows) * r, B + (r0 + rows + nx) * r);
-      else reduce_block(gw.data(), b, B + r0 * r, r, rows, P, A + (r0 + rows) * ro, A + (r0 + rows + nx) * ro);
+      // The reduce prefetches the next block of A for the next dot; with a narrow A (the readout,
+      // ro < r) that is a few lines and the dot over it too short to hide the latency of the
+      // block's B, so it prefetches its own next block of B instead.
+      const S* pf = ro < r ? B + (r0 + rows) * r : A + (r0 + rows) * ro;
+      const S* pfe = ro < r ? B + (r0 + rows + nx) * r : A + (r0 + rows + nx) * ro;
+      reduce_block(gw.data(), b, B + r0 * r, r, rows, P, pf, pfe);
     }
   }
   for (int t = 0; t < nthreads; ++t)
