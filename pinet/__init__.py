@@ -7,7 +7,7 @@ state modules :class:`PiState` / :class:`FinPiState`, the optimizer wrapper
 torch's products elsewhere, an opt-in Triton kernel for CUDA) in :mod:`pinet.kernels`.
 """
 
-from . import baselines, compat, distributed, functional, hooks, kernels, native, optim
+from . import baselines, compat, distributed, functional, hooks, kernels, memory, native, optim
 from .layers import FinPiInput, FinPiLayer, FinPiModule, InfPiInput, InfPiLayer, InfPiModule, pi_product
 from .models import FinPiMLP, InfPiMLP
 from .checkpoint import StateDictError, check_state_dict, load_state_dict
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "functional",
     "kernels",
+    "memory",
     "native",
     "compat",
     "baselines",

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .memory import to_huge_pages, zeros_rows
 from .rows import PiRows
 
 __all__ = ["PiState", "PiRows", "FinPiState", "ShardInfo", "owned_parameters"]
@@ -134,8 +135,8 @@ class PiState(nn.Module):
             raise ValueError(f"PiState: coef_dtype must be float32 or wider, got {coef_dtype}")
         self.r_in, self.r_out, self.growth = r_in, r_out, float(growth)
         self._M = 0
-        self._A = torch.zeros(capacity, r_out, device=device, dtype=dtype)
-        self._B = torch.zeros(capacity, r_in, device=device, dtype=dtype)
+        self._A = zeros_rows(capacity, r_out, device=device, dtype=dtype)
+        self._B = zeros_rows(capacity, r_in, device=device, dtype=dtype)
         self._c = torch.zeros(capacity, device=device, dtype=coef_dtype)
         self.c = nn.Parameter(self._c[:0])
         self.pending: list[PiRows] = []
@@ -191,8 +192,8 @@ class PiState(nn.Module):
         if capacity <= self.capacity:
             return
         M = self._M
-        A = self._A.new_zeros(capacity, self.r_out)
-        B = self._B.new_zeros(capacity, self.r_in)
+        A = zeros_rows(capacity, self.r_out, device=self._A.device, dtype=self._A.dtype)
+        B = zeros_rows(capacity, self.r_in, device=self._B.device, dtype=self._B.dtype)
         c = self._c.new_zeros(capacity)
         A[:M] = self._A[:M]
         B[:M] = self._B[:M]
@@ -382,8 +383,8 @@ class PiState(nn.Module):
                 A, B, c = A[keep], B[keep], c[keep]
         # Build all three new stores before replacing any: a failure here leaves the state as it was.
         with torch.no_grad():
-            new_A = A.detach().to(device=self._A.device, dtype=self._A.dtype).clone()
-            new_B = B.detach().to(device=self._B.device, dtype=self._B.dtype).clone()
+            new_A = to_huge_pages(A.detach().to(device=self._A.device, dtype=self._A.dtype).clone())
+            new_B = to_huge_pages(B.detach().to(device=self._B.device, dtype=self._B.dtype).clone())
             new_c = c.detach().to(device=self._c.device, dtype=self._c.dtype).clone()
         self._A, self._B, self._c = new_A, new_B, new_c
         self._M = A.shape[0]

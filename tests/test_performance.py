@@ -394,3 +394,16 @@ def test_thin_gemm_probe_quick_smoke(tmp_path, hand_kernels):
     assert res["row_us"] > 0 and res["floor_us"] > 0
     assert "| reduce (8×2048) @ (2048×400) |" in (tmp_path / "thin_gemm.md").read_text()
     assert json.loads((tmp_path / "thin_gemm.json").read_text())["need_GFLOPs"] > 0
+
+
+def test_bench_huge_pages_quick_smoke(tmp_path):
+    # The machinery of the huge-page comparison (both nets built, timed, reported), not its speed.
+    from benchmarks import bench_huge_pages
+
+    before = pinet.memory._enabled
+    res = bench_huge_pages.main(["--quick", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert pinet.memory._enabled is before
+    assert [row["M"] for row in res["rows"]] == [256, 512]
+    assert all(row["huge_ms"] > 0 and row["small_ms"] > 0 for row in res["rows"])
+    assert "| 256 |" in (tmp_path / "bench_huge_pages.md").read_text()
+    assert json.loads((tmp_path / "bench_huge_pages.json").read_text())["rows"][1]["M"] == 512

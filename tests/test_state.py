@@ -131,3 +131,91 @@ def test_captured_rows_are_dropped_by_zero_grad():
     net(x).sum().backward()
     st.c.grad.zero_()  # zero_grad(set_to_none=False) style
     assert st.pending_rows() is None
+
+
+# ---------------------------------------------------------------- huge-page row stores
+def _advice_recorder(monkeypatch):
+    import pinet.memory as PM
+
+    calls = []
+    monkeypatch.setattr(PM, "_madvise", lambda addr, n, flag: calls.append((addr, n, flag)) or 0)
+    monkeypatch.setattr(PM, "transparent_huge_pages_mode", lambda: "madvise")
+    return PM, calls
+
+
+def test_large_cpu_stores_are_collapsed_into_huge_pages(monkeypatch):
+    PM, calls = _advice_recorder(monkeypatch)
+    monkeypatch.setattr(PM, "_enabled", True)
+    st = PiState(400, 400, dtype=torch.float32)
+    st.append(*_rows(8, 400, 400, torch.float32))
+    assert calls == []  # 64-row stores are far below MIN_BYTES
+    st.reserve(20_000)
+    assert len(calls) == 2  # A and B, not c
+    for (addr, n, flag), store in zip(calls, (st._A, st._B)):
+        start, end = store.data_ptr(), store.data_ptr() + store.nbytes
+        assert flag == 25 and addr % (2 << 20) == 0 and n % (2 << 20) == 0 and n > 0
+        assert start <= addr and addr + n <= end  # only whole 2 MiB pages inside the store
+    # The rows survived the move to the collapsed stores, and the spare capacity is zero.
+    assert st.rows == 8 and torch.all(st._A[8:] == 0) and torch.all(st._B[8:] == 0)
+    # A checkpoint load allocates its stores the same way.
+    calls.clear()
+    big = PiState(400, 400, dtype=torch.float32)
+    big.load_state_dict(st.state_dict())
+    assert calls == [] and torch.equal(big.A, st.A)  # 8 rows: small
+    st.reserve(30_000)
+    for _ in range(3):
+        st.append(*_rows(4000, 400, 400, torch.float32))
+    calls.clear()
+    big.load_state_dict(st.state_dict())
+    assert len(calls) == 2 and torch.equal(big.A, st.A) and torch.equal(big.B, st.B)
+
+
+def test_huge_page_advice_can_be_turned_off_and_checks_its_argument(monkeypatch):
+    PM, calls = _advice_recorder(monkeypatch)
+    monkeypatch.setattr(PM, "_enabled", True)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        PM.set_huge_pages("no")
+    assert PM._enabled is True
+    PM.set_huge_pages(False)
+    assert not PM.huge_pages()
+    PM.zeros_rows(10_000, 400)
+    assert calls == []
+    PM.set_huge_pages(True)
+    assert PM.huge_pages()
+    t = PM.zeros_rows(10_000, 400, dtype=torch.float64)
+    assert len(calls) == 1 and t.dtype == torch.float64 and t.shape == (10_000, 400) and not t.any()
+    with pytest.raises(RuntimeError, match="inside"):
+        with PM.use_huge_pages(False):
+            assert not PM.huge_pages()
+            raise RuntimeError("inside")
+    assert PM.huge_pages()  # restored after the exception
+    with pytest.raises(TypeError, match="use_huge_pages: enabled must be a bool"):
+        with PM.use_huge_pages(1):
+            pass
+    assert PM._enabled is True
+    monkeypatch.setattr(PM, "transparent_huge_pages_mode", lambda: "never")
+    assert not PM.huge_pages()
+
+
+@pytest.mark.skipif(
+    pinet.memory.transparent_huge_pages_mode() not in ("always", "madvise") or not pinet.memory.huge_pages(),
+    reason="the kernel offers no transparent huge pages here",
+)
+def test_a_large_store_is_backed_by_huge_pages():
+    # The kernel's own account (/proc/self/smaps) of the mapping that holds the store. With THP
+    # MADV_COLLAPSE the kernel allocates the 2 MiB pages synchronously (compacting if it must), so
+    # this holds on a machine with a few MB free, not just by luck of fragmentation.
+    st = PiState(400, 400, dtype=torch.float32, capacity=16_384)  # 25 MB per store
+    addr = st._B.data_ptr() + (4 << 20)
+    huge_kb = None
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and all(ch in "0123456789abcdef-" for ch in head[0]):
+                lo, hi = (int(v, 16) for v in head[0].split("-"))
+                inside = lo <= addr < hi
+            elif inside and head[0] == "AnonHugePages:":
+                huge_kb = int(head[1])
+                break
+    assert huge_kb is not None and huge_kb >= 2048, huge_kb
