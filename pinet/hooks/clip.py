@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-import torch
 
 from .base import GradHook, Grads, HookContext
-from .norm import grad_sqnorms, remember_sqnorm
+from .norm import grad_sqnorms, remember_sqnorm, sqnorm_vector
 
 __all__ = ["ClipGradNorm"]
 
@@ -38,15 +37,14 @@ class ClipGradNorm(GradHook):
         # All squared norms in one float64 vector: one conversion and one read-back per step,
         # not one per parameter (per-parameter clipping of an 11-parameter net spent more time in
         # those small calls than in the norms themselves).
-        vals = torch.stack([sq[k].to(torch.float64).cpu() for k in names]) if names else torch.zeros(0, dtype=torch.float64)
+        vals = sqnorm_vector(sq)  # keyed and ordered like grads
+        overall = float(vals.sum().sqrt())
         # What is actually clipped (after accumulation, if any): the wrapper reports it.
-        ctx.stats.setdefault("grad_norm_before_clip", float(vals.sum().sqrt()))
+        ctx.stats.setdefault("grad_norm_before_clip", overall)
         if self.per_param:
-            groups = [[k] for k in names]
-            totals = vals.sqrt().tolist()
+            groups, totals = [[k] for k in names], vals.sqrt().tolist()
         else:
-            groups = [names]
-            totals = [float(vals.sum().sqrt())]
+            groups, totals = [names], [overall]
         out = dict(grads)
         for group, total in zip(groups, totals):
             if self.error_if_nonfinite and not math.isfinite(total):

@@ -8,7 +8,7 @@ from torch import Tensor
 from ..rows import PiRows
 from .base import GradHook, Grads, HookContext
 
-__all__ = ["grad_sqnorms", "remember_sqnorm", "total_norm", "GradNorm"]
+__all__ = ["grad_sqnorms", "remember_sqnorm", "sqnorm_vector", "total_norm", "GradNorm"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -50,12 +50,16 @@ def remember_sqnorm(ctx: HookContext, name: str, g, val: Tensor) -> None:
     ctx.cache.setdefault("sqnorms", {})[name] = (tuple((id(t), t._version) for t in parts), parts, val)
 
 
+def sqnorm_vector(sqnorms: dict[str, Tensor]) -> Tensor:
+    """The squared norms as one float64 CPU vector (n,), in the dict's order."""
+    if not sqnorms:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([v.to(torch.float64).cpu() for v in sqnorms.values()])
+
+
 def total_norm(sqnorms: dict[str, Tensor]) -> Tensor:
     """``sqrt(Σ norms²)`` as a float64 0-dim tensor (0 when empty)."""
-    if not sqnorms:
-        return torch.zeros((), dtype=torch.float64)
-    vals = [v.to(torch.float64).cpu() for v in sqnorms.values()]
-    return torch.stack(vals).sum().sqrt()
+    return sqnorm_vector(sqnorms).sum().sqrt()
 
 
 class GradNorm(GradHook):
