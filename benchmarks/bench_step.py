@@ -35,7 +35,13 @@ baseline is unaffected) and the files get a ``_native`` suffix. ``--backends tor
 times a step on each named :mod:`pinet.kernels` backend, interleaved with the default one and
 the naive baseline, and adds a per-backend table: ms per step, the ratio to the roofline floor
 (the larger of the memory floor and the products' FLOPs at the square-sgemm rate) and the
-speed-up over naive.
+speed-up over naive. ``--sgd foreach,fused`` also times the step with torch's multi-tensor or
+fused SGD (``torch.optim.SGD(..., foreach=True)`` / ``fused=True``; the default row uses the
+for-loop implementation, torch's default on the CPU): each on its own copy of the network, grown
+identically, interleaved with the others, reported in the same table. That table also gives,
+per backend, the π-products alone (every π-layer's forward and backward on its own state, no input
+layer, loss or optimizer) against the same roofline floor, and the rest of the step: how much of
+the gap to the floor is the kernels' and how much the step's fixed part.
 
 Writes ``bench_step_<dtype>.md`` (table), ``.png`` (ms/step vs M) and ``.json`` under ``--out``.
 """
@@ -65,6 +71,8 @@ from pinet.optim import PiOptimizerWrapper
 from .naive import NaiveInfPiMLP, NaiveTrainer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: torch.optim.SGD implementations ``--sgd`` can add: the keyword that selects each.
+SGD_IMPLS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 PASSES = 2  # reads of the whole state per training step (module docstring)
 
 
@@ -83,6 +91,7 @@ class Config:
     naive: bool = True
     native: bool = False
     backends: tuple[str, ...] = ()
+    sgd: tuple[str, ...] = ()  # extra SGD implementations timed (keys of SGD_IMPLS)
     bw_mbytes: int = 512
     lr: float = 0.01
     momentum: float = 0.9
@@ -224,6 +233,32 @@ def gemm_time(net: pinet.InfPiMLP, batch: int, repeats: int, block: int = 8192) 
     return statistics.median(ts)
 
 
+def products_time(net: pinet.InfPiMLP, batch: int, repeats: int, chunk_size: int | None, gen: torch.Generator) -> float:
+    """Median seconds of every π-layer's product alone, forward and backward to its input
+    (:func:`pinet.kernels.pi_layer` on the layer's own ``A``, ``B``, ``c``, random ``g`` and upstream
+    gradient), on the selected backend: what the kernels cost in a step, without the input layer,
+    the loss, the row capture or the optimizer. Step minus this is the step's fixed part."""
+    ops = []
+    for layer in net.pi_layers:
+        st = layer.state
+        g = torch.randn(batch, st.r_in, generator=gen).requires_grad_()
+        ops.append((g, torch.randn(batch, st.r_out, generator=gen), st))
+
+    def run():
+        for g, grad, st in ops:
+            g.grad = None
+            out = pinet.kernels.pi_layer(g, st.A, st.B, st.c.detach(), chunk_size=chunk_size)[0]
+            out.backward(grad)
+
+    run()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def layer_temporaries(net: pinet.InfPiMLP, batch: int, chunk_size: int | None, gen: torch.Generator) -> float:
     """Largest, over the π-layers, of the allocator's peak bytes during a forward + backward of
     that layer alone (``pi_layer`` on its state, random input): the O(b × M) part of a step,
@@ -265,24 +300,37 @@ def _median_ms(ts: list[float]) -> float:
 
 
 # --------------------------------------------------------------------------- one size
-def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
-    dtype = DTYPES[cfg.dtype]
+def _build(cfg: Config, M: int, sgd: dict) -> tuple[pinet.InfPiMLP, PiOptimizerWrapper, torch.Generator]:
+    """The benchmark network grown to M rows and its wrapped SGD (``sgd``: extra keywords)."""
     gen = torch.Generator().manual_seed(cfg.seed + M)
     torch.manual_seed(cfg.seed)
-    net = pinet.InfPiMLP(cfg.d_in, cfg.d_out, cfg.r, cfg.depth, dtype=dtype, chunk_size=cfg.chunk_size)
+    net = pinet.InfPiMLP(cfg.d_in, cfg.d_out, cfg.r, cfg.depth, dtype=DTYPES[cfg.dtype], chunk_size=cfg.chunk_size)
     grow(net, M, gen)
     opt = PiOptimizerWrapper(
-        torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum),
+        torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, **sgd),
         net,
         hooks=[ClipGradNorm(cfg.max_norm, per_param=True)],
     )
-    x = torch.randn(cfg.batch, cfg.d_in, generator=gen)
-    y = torch.randint(0, cfg.d_out, (cfg.batch,), generator=gen)
+    return net, opt, gen
 
-    def p_step():
+
+def _stepper(net, opt, x, y):
+    def step():
         opt.zero_grad()
         TF.cross_entropy(net(x), y).backward()
         opt.step()
+
+    return step
+
+
+def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
+    net, opt, gen = _build(cfg, M, {})
+    x = torch.randn(cfg.batch, cfg.d_in, generator=gen)
+    y = torch.randint(0, cfg.d_out, (cfg.batch,), generator=gen)
+    p_step = _stepper(net, opt, x, y)
+    # Each extra SGD implementation trains its own copy of the network (optimizer state is per
+    # parameter, and the rows each step appends differ between copies only by rounding).
+    sgd_steps = {f"SGD {name}": _stepper(*_build(cfg, M, SGD_IMPLS[name])[:2], x, y) for name in cfg.sgd}
 
     naive = trainer = None
     if cfg.naive:
@@ -303,10 +351,13 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
     # Interleaved timing: pinet and naive alternate so that both see the same load.
     stores = lambda: [l.state._A.data_ptr() for l in net.pi_layers]  # noqa: E731
     p_ts, n_ts, moved = [], [], 0
-    b_ts: dict[str, list[float]] = {name: [] for name in cfg.backends}
+    b_ts: dict[str, list[float]] = {name: [] for name in (*cfg.backends, *sgd_steps)}
     for name in cfg.backends:  # warm each backend up once (builds, caches)
         with pinet.kernels.use_backend(name):
             p_step()
+    for fn in sgd_steps.values():
+        for _ in range(cfg.warmup):
+            fn()
     for i in range(cfg.repeats):
         bar.set_postfix_str(f"M={M} step {i + 1}/{cfg.repeats}")
         before = stores()
@@ -319,6 +370,10 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
                 t0 = time.perf_counter()
                 p_step()
                 b_ts[name].append(time.perf_counter() - t0)
+        for name, fn in sgd_steps.items():
+            t0 = time.perf_counter()
+            fn()
+            b_ts[name].append(time.perf_counter() - t0)
         if naive is not None:
             t0 = time.perf_counter()
             n_step()
@@ -336,6 +391,10 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
                 nf.append(time.perf_counter() - t0)
 
     gemm_s = gemm_time(net, cfg.batch, cfg.repeats)
+    products = {"default": products_time(net, cfg.batch, cfg.repeats, cfg.chunk_size, gen)}
+    for name in cfg.backends:
+        with pinet.kernels.use_backend(name):
+            products[name] = products_time(net, cfg.batch, cfg.repeats, cfg.chunk_size, gen)
 
     # Memory. RSS windows: reset the high-water mark, run two steps, read the rise.
     bar.set_postfix_str(f"M={M} memory")
@@ -382,23 +441,30 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
         row.naive_step_alloc_mb = n_prof[2] / 2**20
         row.speedup = row.naive_step_ms / step_ms
     row.extra["backend_step_ms"] = {name: _median_ms(ts) for name, ts in b_ts.items()}
+    row.extra["products_ms"] = {name: t * 1e3 for name, t in products.items()}
     return row
 
 
 def backend_table(rows: list[Row], cfg: Config, flops: float) -> str:
     """Per backend and size: ms per step, the ratio to the roofline floor (the larger of the
     memory floor and the four products' FLOPs at the square-sgemm rate) and the speed-up over
-    the naive baseline, all from the same interleaved run."""
-    head = ("| backend | M | step ms | roofline floor ms | step/roofline | speed-up over naive |\n"
-            "|---|---:|---:|---:|---:|---:|\n")  # fmt: skip
+    the naive baseline, all from the same interleaved run; and the π-products alone
+    (:func:`products_time`) against the same floor, with the rest of the step (its fixed part)."""
+    head = ("| backend | M | step ms | roofline floor ms | step/roofline | speed-up over naive | "
+            "π-products alone ms | products/roofline | rest of the step ms |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")  # fmt: skip
     lines = []
-    for name in ("default", *cfg.backends):
+    for name in ("default", *cfg.backends, *(f"SGD {s}" for s in cfg.sgd)):
         for r in rows:
             ms = r.step_ms if name == "default" else r.extra["backend_step_ms"][name]
             roof = max(r.floor_ms, flops_per_row(cfg) * r.M / flops * 1e3)
             speed = None if r.naive_step_ms is None else r.naive_step_ms / ms
             label = f"default ({pinet.kernels.backend()})" if name == "default" else name
-            lines.append(f"| {label} | {r.M} | {ms:.2f} | {roof:.2f} | {ms / roof:.2f} | {_fmt(speed)}× |")
+            if name.startswith("SGD "):
+                label = f"default ({pinet.kernels.backend()}), {name}"
+            prod = r.extra.get("products_ms", {}).get("default" if name.startswith("SGD ") else name)
+            cols = "| – | – | – |" if prod is None else f"| {prod:.2f} | {prod / roof:.2f} | {ms - prod:.2f} |"
+            lines.append(f"| {label} | {r.M} | {ms:.2f} | {roof:.2f} | {ms / roof:.2f} | {_fmt(speed)}× {cols}")
     return head + "\n".join(lines) + "\n"
 
 
@@ -591,6 +657,14 @@ def _load_warning(load) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
+def _sgd_list(text: str) -> tuple[str, ...]:
+    names = tuple(v for v in text.split(",") if v)
+    bad = [v for v in names if v not in SGD_IMPLS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown SGD implementation(s) {bad}; expected some of {list(SGD_IMPLS)}")
+    return names
+
+
 def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=lambda s: tuple(int(v) for v in s.split(",")), help="comma-separated M values")
@@ -603,14 +677,17 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--native", action="store_true", help="pinet with pinet.native enabled (needs g++ and AVX2)")
     p.add_argument("--backends", type=lambda s: tuple(v for v in s.split(",") if v), default=(),
                    help="comma-separated pinet.kernels backends also timed, interleaved (e.g. torch,native)")
+    p.add_argument("--sgd", type=_sgd_list, default=(),
+                   help=f"comma-separated torch.optim.SGD implementations also timed, interleaved ({', '.join(SGD_IMPLS)})")
     p.add_argument("--quick", action="store_true", help="tiny network and sizes: a smoke test of a few seconds")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
     a = p.parse_args(argv)
-    cfg = Config(dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive, native=a.native, backends=a.backends)
+    cfg = Config(dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive, native=a.native, backends=a.backends,
+                 sgd=a.sgd)  # fmt: skip
     if a.quick:
         cfg = Config(d_in=48, r=16, depth=2, sizes=(64, 128, 256), repeats=2, warmup=1, bw_mbytes=16,
                      dtype=a.dtype, chunk_size=a.chunk_size, naive=not a.no_naive, native=a.native,
-                     backends=a.backends)  # fmt: skip
+                     backends=a.backends, sgd=a.sgd)  # fmt: skip
     if a.sizes:
         cfg.sizes = a.sizes
     if a.repeats:
@@ -658,7 +735,7 @@ def _run(cfg: Config, a: argparse.Namespace) -> dict:
         + (" (quick: sizes too small for the targets to mean anything)" if a.quick else "")
     )
     md = [f"{header}\n", table(rows, cfg), ""]
-    if cfg.backends:
+    if cfg.backends or cfg.sgd:
         md += [f"Per backend (square sgemm {flops / 1e9:.0f} GFLOP/s):\n", backend_table(rows, cfg, flops), ""]
     for name, ok, detail in checks:
         mark = "n/a " if ok is None else ("PASS" if ok else "FAIL")

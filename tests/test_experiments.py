@@ -13,7 +13,7 @@ import torch
 import pinet
 from experiments import compare, train
 from experiments.cifar10 import cifar10mlp
-from experiments.common import build_model, evaluate, load_digits_data, make_loss
+from experiments.common import build_model, build_optimizer, evaluate, load_digits_data, make_loss
 
 
 # Small tensors: one thread (tests/conftest.py) avoids OpenMP oversubscription on shared cores.
@@ -251,3 +251,11 @@ def test_experiments_is_not_an_installed_package(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "True"
+
+
+def test_cli_optimizer_is_torch_fused_sgd_on_the_cpu():
+    # One pass over gradient, momentum and weight per parameter (benchmarks/bench_step --sgd fused).
+    args = train.build_parser().parse_args(["--r", "8", "--seed", "3"])
+    model = build_model(args, 64, 10, torch.device("cpu"))
+    opt, _ = build_optimizer(args, model)
+    assert all(g["fused"] is True for g in opt.param_groups)

