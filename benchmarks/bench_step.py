@@ -233,11 +233,11 @@ def gemm_time(net: pinet.InfPiMLP, batch: int, repeats: int, block: int = 8192) 
     return statistics.median(ts)
 
 
-def products_time(net: pinet.InfPiMLP, batch: int, repeats: int, chunk_size: int | None, gen: torch.Generator) -> float:
-    """Median seconds of every π-layer's product alone, forward and backward to its input
+def products_runner(net: pinet.InfPiMLP, batch: int, chunk_size: int | None, gen: torch.Generator):
+    """A function that runs every π-layer's product alone, forward and backward to its input
     (:func:`pinet.kernels.pi_layer` on the layer's own ``A``, ``B``, ``c``, random ``g`` and upstream
     gradient), on the selected backend: what the kernels cost in a step, without the input layer,
-    the loss, the row capture or the optimizer. Step minus this is the step's fixed part."""
+    the loss, the row capture or the optimizer. Step minus its time is the step's fixed part."""
     ops = []
     for layer in net.pi_layers:
         st = layer.state
@@ -250,13 +250,7 @@ def products_time(net: pinet.InfPiMLP, batch: int, repeats: int, chunk_size: int
             out = pinet.kernels.pi_layer(g, st.A, st.B, st.c.detach(), chunk_size=chunk_size)[0]
             out.backward(grad)
 
-    run()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return run
 
 
 def layer_temporaries(net: pinet.InfPiMLP, batch: int, chunk_size: int | None, gen: torch.Generator) -> float:
@@ -352,9 +346,15 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
     stores = lambda: [l.state._A.data_ptr() for l in net.pi_layers]  # noqa: E731
     p_ts, n_ts, moved = [], [], 0
     b_ts: dict[str, list[float]] = {name: [] for name in (*cfg.backends, *sgd_steps)}
+    # The products alone, timed in the same loop as the steps: timed later, their difference to
+    # the step (the fixed part) would mostly measure how the machine's load drifted meanwhile.
+    products = products_runner(net, cfg.batch, cfg.chunk_size, gen)
+    prod_ts: dict[str, list[float]] = {name: [] for name in ("default", *cfg.backends)}
+    products()
     for name in cfg.backends:  # warm each backend up once (builds, caches)
         with pinet.kernels.use_backend(name):
             p_step()
+            products()
     for fn in sgd_steps.values():
         for _ in range(cfg.warmup):
             fn()
@@ -365,11 +365,17 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
         p_step()
         p_ts.append(time.perf_counter() - t0)
         moved += before != stores()
+        t0 = time.perf_counter()
+        products()
+        prod_ts["default"].append(time.perf_counter() - t0)
         for name in cfg.backends:  # interleaved with the others: the same machine load
             with pinet.kernels.use_backend(name):
                 t0 = time.perf_counter()
                 p_step()
                 b_ts[name].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                products()
+                prod_ts[name].append(time.perf_counter() - t0)
         for name, fn in sgd_steps.items():
             t0 = time.perf_counter()
             fn()
@@ -391,10 +397,6 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
                 nf.append(time.perf_counter() - t0)
 
     gemm_s = gemm_time(net, cfg.batch, cfg.repeats)
-    products = {"default": products_time(net, cfg.batch, cfg.repeats, cfg.chunk_size, gen)}
-    for name in cfg.backends:
-        with pinet.kernels.use_backend(name):
-            products[name] = products_time(net, cfg.batch, cfg.repeats, cfg.chunk_size, gen)
 
     # Memory. RSS windows: reset the high-water mark, run two steps, read the rise.
     bar.set_postfix_str(f"M={M} memory")
@@ -441,7 +443,7 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
         row.naive_step_alloc_mb = n_prof[2] / 2**20
         row.speedup = row.naive_step_ms / step_ms
     row.extra["backend_step_ms"] = {name: _median_ms(ts) for name, ts in b_ts.items()}
-    row.extra["products_ms"] = {name: t * 1e3 for name, t in products.items()}
+    row.extra["products_ms"] = {name: _median_ms(ts) for name, ts in prod_ts.items()}
     return row
 
 
