@@ -347,6 +347,8 @@ def test_bench_step_quick_smoke(tmp_path):
         assert r["step_ms"] > 0 and r["naive_step_ms"] > 0 and r["state_mb"] > 0 and r["bw_gbs"] > 0
         assert r["extra"]["backend_step_ms"]["SGD fused"] > 0
         assert 0 < r["extra"]["products_ms"]["default"]
+    # The roofline's compute ceiling is the best sgemm rate of the run, the per-size rates included.
+    assert 0 < max(r["extra"]["sgemm_flops"] for r in res["rows"]) <= res["sgemm_flops"]
     assert "SGD fused" in (tmp_path / "bench_step_float32.md").read_text()
     with pytest.raises(SystemExit):  # argparse names the unknown implementation and exits
         bench_step.parse(["--sgd", "adam"])
