@@ -11,7 +11,8 @@ appended straight to each layer's ``PiState``, no training) and measures, per M:
   machine load, and the speed-up ratio;
 * bytes of π-state (``A``, ``B``, ``c`` of every π-layer), the memory-read floor
   ``state bytes × 2 passes ÷ read bandwidth`` with the bandwidth measured in the same run
-  (best of several ``tensor.sum()`` over a buffer much larger than the caches), and step ÷ floor;
+  (best ``tensor.sum()`` over a buffer much larger than the caches, several before the size's
+  steps and one after each timed round), and step ÷ floor;
 * the time of the four thin products a step cannot avoid (per π-layer ``B ḡᵀ``, ``wᵀ A``,
   ``A δᵀ``, ``(∂L/∂q)ᵀ B``), alone on the same state: how far pinet is from its own GEMMs;
 * memory: peak RSS of the process and how much it rose during the steps of each implementation
@@ -35,9 +36,11 @@ baseline is unaffected) and the files get a ``_native`` suffix. ``--backends tor
 times a step on each named :mod:`pinet.kernels` backend, interleaved with the default one and
 the naive baseline, and adds a per-backend table: ms per step, the ratio to the roofline floor
 (the larger of the memory floor and the products' FLOPs at the square-sgemm rate) and the
-speed-up over naive. The sgemm rate is the best of one ``1536 × 1536`` float32 matmul before the
-run and one after every timed round of steps: the ceiling the steps could have had (on a shared
-VM a single measurement before the run has been 25% below the rate seen minutes later). ``--sgd foreach,fused`` also times the step with torch's multi-tensor or
+speed-up over naive. Per size, the sgemm rate is the best of one ``1536 × 1536`` float32 matmul
+after every timed round of steps, and the bandwidth also includes one read per round: the
+ceilings under the load the steps saw (on a shared VM a single measurement before the run has
+been 25-35% below the rate seen minutes later). The marginal-cost target uses the best sgemm rate
+of the whole run. ``--sgd foreach,fused`` also times the step with torch's multi-tensor or
 fused SGD (``torch.optim.SGD(..., foreach=True)`` / ``fused=True``; the default row uses the
 for-loop implementation, torch's default on the CPU): each on its own copy of the network, grown
 identically, interleaved with the others, reported in the same table. That table also gives,
@@ -147,10 +150,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def read_bandwidth(mbytes: int, repeats: int = 7) -> float:
+def read_bandwidth(mbytes: int, repeats: int = 7, buffer: Tensor | None = None) -> float:
     """Best read bandwidth in bytes/s of ``x.sum()`` over a float32 buffer of ``mbytes`` MiB
-    (far larger than the caches, so it streams from memory with the configured threads)."""
-    x = torch.ones(mbytes * 2**18)
+    (far larger than the caches, so it streams from memory with the configured threads).
+    ``buffer``: a float32 tensor to read instead (reused between calls; ``mbytes`` is ignored)."""
+    x = buffer if buffer is not None else torch.ones(mbytes * 2**18)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -339,8 +343,9 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
     def n_step():
         trainer.step(x, y)
 
-    # Bandwidth first, at this size's moment of the run (load on a shared machine drifts).
-    bw = read_bandwidth(cfg.bw_mbytes)
+    # Bandwidth first, at this size's moment of the run (load on a shared machine drifts), then per round.
+    bw_buffer = torch.ones(cfg.bw_mbytes * 2**18)
+    bw = read_bandwidth(cfg.bw_mbytes, buffer=bw_buffer)
     bar.set_postfix_str(f"M={M} warmup")
     for _ in range(cfg.warmup):
         p_step()
@@ -356,9 +361,10 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
     products = products_runner(net, cfg.batch, cfg.chunk_size, gen)
     prod_ts: dict[str, list[float]] = {name: [] for name in ("default", *cfg.backends)}
     products()
-    # The compute ceiling, timed once per round as well: on a shared machine a rate measured once
-    # before the run can be far from the one the steps see (138 vs 188 GFLOP/s has been seen),
-    # and the roofline uses the best rate of the whole run (the conservative ceiling).
+    # Both ceilings, timed once per round as well: on a shared machine a rate measured once can be
+    # far from the one the steps see (sgemm 138 vs 188 GFLOP/s, reads 33 vs 53 GB/s have been
+    # seen minutes apart). The floors use the best of this size's rounds: the machine as the
+    # steps found it, at its best (a conservative ceiling).
     mats = (torch.randn(cfg.sgemm_n, cfg.sgemm_n, generator=gen), torch.randn(cfg.sgemm_n, cfg.sgemm_n, generator=gen))
     sgemm_best = 0.0
     for name in cfg.backends:  # warm each backend up once (builds, caches)
@@ -395,7 +401,9 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
             n_step()
             n_ts.append(time.perf_counter() - t0)
         sgemm_best = max(sgemm_best, sgemm_rate(cfg.sgemm_n, 1, mats))
+        bw = max(bw, read_bandwidth(cfg.bw_mbytes, 1, bw_buffer))
         bar.update(1)
+    del bw_buffer, mats
     with torch.no_grad():
         pf, nf = [], []
         for _ in range(cfg.repeats):
@@ -463,21 +471,28 @@ def backend_table(rows: list[Row], cfg: Config, flops: float) -> str:
     """Per backend and size: ms per step, the ratio to the roofline floor (the larger of the
     memory floor and the four products' FLOPs at the square-sgemm rate) and the speed-up over
     the naive baseline, all from the same interleaved run; and the π-products alone
-    (:func:`products_time`) against the same floor, with the rest of the step (its fixed part)."""
+    (:func:`products_runner`) against the same floor, the rate at which they stream the state (two
+    reads) as a fraction of this size's read bandwidth, and the rest of the step (its fixed part)."""
     head = ("| backend | M | step ms | roofline floor ms | step/roofline | speed-up over naive | "
-            "π-products alone ms | products/roofline | rest of the step ms |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")  # fmt: skip
+            "π-products alone ms | products/roofline | products' read rate GB/s | of the read bandwidth | "
+            "rest of the step ms |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")  # fmt: skip
     lines = []
     for name in ("default", *cfg.backends, *(f"SGD {s}" for s in cfg.sgd)):
         for r in rows:
             ms = r.step_ms if name == "default" else r.extra["backend_step_ms"][name]
-            roof = max(r.floor_ms, flops_per_row(cfg) * r.M / flops * 1e3)
+            # This size's ceilings (best of its rounds): the load the steps themselves saw.
+            roof = max(r.floor_ms, flops_per_row(cfg) * r.M / r.extra.get("sgemm_flops", flops) * 1e3)
             speed = None if r.naive_step_ms is None else r.naive_step_ms / ms
             label = f"default ({pinet.kernels.backend()})" if name == "default" else name
             if name.startswith("SGD "):
                 label = f"default ({pinet.kernels.backend()}), {name}"
             prod = r.extra.get("products_ms", {}).get("default" if name.startswith("SGD ") else name)
-            cols = "| – | – | – |" if prod is None else f"| {prod:.2f} | {prod / roof:.2f} | {ms - prod:.2f} |"
+            if prod is None:
+                cols = "| – | – | – | – | – |"
+            else:  # the products read the whole state twice (PASSES): the rate they stream it at
+                rate = PASSES * r.state_mb * 2**20 / (prod * 1e-3) / 1e9
+                cols = f"| {prod:.2f} | {prod / roof:.2f} | {rate:.1f} | {rate / r.bw_gbs:.0%} | {ms - prod:.2f} |"
             lines.append(f"| {label} | {r.M} | {ms:.2f} | {roof:.2f} | {ms / roof:.2f} | {_fmt(speed)}× {cols}")
     return head + "\n".join(lines) + "\n"
 
@@ -751,10 +766,10 @@ def _run(cfg: Config, a: argparse.Namespace) -> dict:
     )
     md = [f"{header}\n", table(rows, cfg), ""]
     if cfg.backends or cfg.sgd:
-        rates = ", ".join(f"{r.extra['sgemm_flops'] / 1e9:.0f} at M={r.M}" for r in rows)
+        rates = "; ".join(f"M={r.M}: {r.bw_gbs:.0f} GB/s, {r.extra['sgemm_flops'] / 1e9:.0f} GFLOP/s" for r in rows)
         md += [
-            f"Per backend (square sgemm: best {flops / 1e9:.0f} GFLOP/s in this run, the ceiling used below; "
-            f"best per size, timed between the steps: {rates}):\n",
+            f"Per backend (roofline from each size's best read bandwidth and best square sgemm, timed "
+            f"between its steps: {rates}):\n",
             backend_table(rows, cfg, flops),
             "",
         ]
