@@ -89,6 +89,50 @@ def test_unknown_backend_is_a_value_error_naming_the_choices():
     assert kernels.setting() == "auto"
 
 
+def _layer_args(**over):
+    args = {"g": torch.randn(3, 4), "A": torch.randn(5, 2), "B": torch.randn(5, 4), "c": torch.randn(5)}
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize(
+    ("over", "chunk", "error", "match"),
+    [
+        ({"g": torch.randn(4)}, None, ValueError, r"g must be 2-d, got shape \(4,\)"),
+        ({"g": torch.ones(3, 4, dtype=torch.int64)}, None, TypeError, r"g must be a real floating-point tensor, got torch.int64"),
+        ({"g": [[1.0] * 4] * 3}, None, TypeError, r"g must be a tensor, got list"),
+        ({"B": torch.randn(5, 3)}, None, ValueError, r"one r and one M, got g \(3, 4\), A \(5, 2\), B \(5, 3\), c \(5,\)"),
+        ({"c": torch.randn(6)}, None, ValueError, r"one r and one M, .*c \(6,\)"),
+        ({"A": torch.randn(6, 2)}, None, ValueError, r"one r and one M, .*A \(6, 2\)"),
+        ({"c": torch.randn(5, 1)}, None, ValueError, r"c must be 1-d, got shape \(5, 1\)"),
+        ({"A": torch.randn(5, 2, dtype=D)}, None, TypeError, r"A and B must have one storage dtype, got torch.float64 and torch.float32"),
+        ({}, "3", ValueError, r"chunk_size must be a positive int or None, got '3'"),
+        ({}, True, ValueError, r"chunk_size must be a positive int or None, got True"),
+        ({}, 0, ValueError, r"chunk_size must be a positive int or None, got 0"),
+    ],
+)
+def test_pi_layer_names_a_wrong_argument_on_every_backend(backend, over, chunk, error, match):
+    # The same clear error whichever backend would have computed (not a backend's own message or
+    # a shape error from deep inside torch).
+    with kernels.use_backend(backend), pytest.raises(error, match=r"pinet\.kernels\.pi_layer: .*" + match):
+        kernels.pi_layer(**_layer_args(**over), chunk_size=chunk)
+
+
+def test_pi_layer_accepts_integral_chunk_sizes():
+    import numpy as np
+
+    args = _layer_args()
+    full = kernels.pi_layer(**args)[0]
+    for chunk in (2, np.int64(2)):
+        assert torch.allclose(kernels.pi_layer(**args, chunk_size=chunk)[0], full, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_step_refuses_a_non_callable():
+    with pytest.raises(TypeError, match=r"compile_step: fn must be a callable, got int"):
+        kernels.compile_step(5)
+
+
 def test_forcing_triton_without_a_gpu_raises_and_changes_nothing(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 from collections.abc import Callable, Iterator
 
@@ -182,8 +183,8 @@ def pi_layer(
     except inside :func:`torch.compile`, where the product is the custom operator of
     :mod:`pinet.kernels.ops`).
     """
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"pi_layer: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not torch.compiler.is_compiling():  # traced shapes are checked by the custom operator
+        _check_layer_args(g, A, B, c, chunk_size)
     s, gbar = normalize_rows(g)
     if layernorm:
         s = torch.ones_like(s)
@@ -210,6 +211,34 @@ def pi_layer(
     return s * u, s, gbar
 
 
+def _check_layer_args(g, A, B, c, chunk_size) -> None:
+    # A wrong argument raises here, naming it, on every backend alike (not deep inside one).
+    where = "pinet.kernels.pi_layer"
+    for name, t, dim in (("g", g, 2), ("A", A, 2), ("B", B, 2), ("c", c, 1)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{where}: {name} must be a real floating-point tensor, got {t.dtype}")
+        if t.dim() != dim:
+            raise ValueError(f"{where}: {name} must be {dim}-d, got shape {tuple(t.shape)}")
+    M, r = B.shape
+    if g.shape[1] != r or A.shape[0] != M or c.shape[0] != M:
+        raise ValueError(
+            f"{where}: expected g (b, r), A (M, r_out), B (M, r) and c (M,) with one r and one M, got "
+            f"g {tuple(g.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, c {tuple(c.shape)}"
+        )
+    if A.dtype != B.dtype:
+        raise TypeError(f"{where}: A and B must have one storage dtype, got {A.dtype} and {B.dtype}")
+    if len({g.device, A.device, B.device, c.device}) > 1:
+        raise ValueError(
+            f"{where}: g, A, B and c must be on one device, got {g.device}, {A.device}, {B.device}, {c.device}"
+        )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
+    ):
+        raise ValueError(f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 # Dynamo settings under which a compiled step does not recompile as M grows: a PiState keeps its
 # row count as a Python int attribute (static by default: one graph per M) and its coefficients
 # ``c`` as a Parameter whose length is M (parameters have static shapes by default).
@@ -224,6 +253,8 @@ def compile_step(fn: Callable, **kwargs) -> Callable:
     operator per layer (:mod:`pinet.kernels.ops`) on the selected backend. The optimizer
     wrapper's ``step()`` stays eager. Keyword arguments go to :func:`torch.compile`
     (e.g. ``backend="aot_eager"``)."""
+    if not callable(fn):
+        raise TypeError(f"pinet.kernels.compile_step: fn must be a callable, got {type(fn).__name__}")
     kwargs.setdefault("dynamic", True)
     compiled = torch.compile(fn, **kwargs)
 
