@@ -9,6 +9,8 @@ wrapper has not applied yet. :class:`FinPiState` holds a finite layer's ``Ω`` (
 from __future__ import annotations
 
 import math
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -189,6 +191,8 @@ class PiState(nn.Module):
     # ------------------------------------------------------------------ growth
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` rows (one copy of the used rows if the stores move)."""
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 0:
+            raise ValueError(f"reserve: capacity must be a non-negative int, got {capacity!r}")
         if capacity <= self.capacity:
             return
         M = self._M
@@ -201,20 +205,41 @@ class PiState(nn.Module):
         self._A, self._B, self._c = A, B, c
         self.c.data = self._c[:M]
 
-    def append(self, A_new: Tensor, B_new: Tensor, c_new: Tensor | None = None) -> slice:
+    def append(
+        self, A_new: Tensor, B_new: Tensor, c_new: Tensor | None = None, *, check_finite: bool = True
+    ) -> slice:
         """Append ``k`` rows: A_new (k, r_out), B_new (k, r_in), c_new (k,) (default zeros).
 
         Returns the slice of the ``k`` rows that were stored here: all of them, or for a sharded
         state (:attr:`shard`; the same rows are appended on every process) this process's share,
         the new global rows ``m`` with ``m % world_size == rank``, so shards stay balanced within
-        one batch."""
-        k = A_new.shape[0]
+        one batch. Non-tensors, complex or integer rows and (with ``check_finite``, the default)
+        NaN or infinite values raise before anything is stored: one such row would make every
+        later output of the layer NaN. ``check_finite=False`` skips the check (one device sync)
+        for rows already known to be finite, as the optimizer wrapper's are (it checked their norm).
+        """
+        for name, t in (("A_new", A_new), ("B_new", B_new), ("c_new", c_new)):
+            if t is None and name == "c_new":
+                continue
+            if not isinstance(t, Tensor):
+                raise TypeError(f"append: {name} must be a tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"append: {name} must be a real floating-point tensor, got {t.dtype}")
+        k = A_new.shape[0] if A_new.dim() else 0
         if A_new.dim() != 2 or A_new.shape[1] != self.r_out:
             raise ValueError(f"append: A_new must be (k, {self.r_out}), got {tuple(A_new.shape)}")
         if B_new.shape != (k, self.r_in):
             raise ValueError(f"append: B_new must be ({k}, {self.r_in}), got {tuple(B_new.shape)}")
         if c_new is not None and c_new.shape != (k,):
             raise ValueError(f"append: c_new must be ({k},), got {tuple(c_new.shape)}")
+        if check_finite:
+            finite = torch.isfinite(A_new).all() & torch.isfinite(B_new).all()
+            if c_new is not None:
+                finite &= torch.isfinite(c_new).all()
+            if not bool(finite):
+                bad = [n for n, t in (("A_new", A_new), ("B_new", B_new), ("c_new", c_new))
+                       if t is not None and not bool(torch.isfinite(t).all())]  # fmt: skip
+                raise ValueError(f"append: {', '.join(bad)} must be finite (NaN or inf found); nothing was appended")
         keep = slice(None)
         shard = self.shard
         if shard is not None:
@@ -239,6 +264,9 @@ class PiState(nn.Module):
 
         A sharded state also needs ``global_rows``, the layer's row count to go back to (local
         ``rows`` alone does not determine it)."""
+        for name, v in (("rows", rows), ("global_rows", global_rows)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise TypeError(f"truncate: {name} must be an int, got {v!r}")
         if not 0 <= rows <= self._M:
             raise ValueError(f"truncate: rows must be in [0, {self._M}], got {rows}")
         if self.shard is not None:

@@ -55,6 +55,47 @@ def test_append_rejects_bad_shapes():
         st.append(A, B, c[:3])
 
 
+@pytest.mark.parametrize("which", ["A", "B", "c"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_append_refuses_non_finite_rows_and_stores_nothing(which, bad):
+    st = PiState(4, 3, dtype=D)
+    st.append(*_rows(2))
+    before = [t.clone() for t in (st.A, st.B, st.c.detach())]
+    rows = dict(zip("ABc", _rows(5)))
+    rows[which][1] = bad  # one row (a single entry for c)
+    with pytest.raises(ValueError, match=rf"append: {which}_new must be finite \(NaN or inf found\); nothing was appended"):
+        st.append(rows["A"], rows["B"], rows["c"])
+    assert st.rows == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, (st.A, st.B, st.c.detach())))
+    st.append(rows["A"], rows["B"], rows["c"], check_finite=False)  # the caller vouches for them
+    assert st.rows == 7
+
+
+def test_append_refuses_non_tensors_and_non_float_rows():
+    st = PiState(4, 3, dtype=D)
+    A, B, c = _rows(5)
+    with pytest.raises(TypeError, match="append: A_new must be a tensor, got list"):
+        st.append(A.tolist(), B, c)
+    with pytest.raises(TypeError, match="append: B_new must be a real floating-point tensor, got torch.int64"):
+        st.append(A, B.long(), c)
+    with pytest.raises(TypeError, match="append: c_new must be a real floating-point tensor, got torch.complex128"):
+        st.append(A, B, c.to(torch.complex128))
+    assert st.rows == 0
+
+
+def test_truncate_and_reserve_name_a_wrong_count():
+    st = PiState(4, 3, dtype=D)
+    st.append(*_rows(5))
+    capacity = st.capacity
+    for bad in ("3", 2.0, True):
+        with pytest.raises(TypeError, match=rf"truncate: rows must be an int, got {bad!r}"):
+            st.truncate(bad)
+    for bad in (-5, 2.5, "9", False):
+        with pytest.raises(ValueError, match=rf"reserve: capacity must be a non-negative int, got {bad!r}"):
+            st.reserve(bad)
+    assert st.rows == 5 and st.capacity == capacity
+
+
 def test_state_dict_round_trip_resizes_and_is_compact():
     st = PiState(4, 3, dtype=D)
     for _ in range(70):

@@ -13,7 +13,7 @@ import torch
 
 import pinet
 from pinet import PiRows
-from pinet.hooks import Accumulate, ClipGradNorm, GradHook
+from pinet.hooks import Accumulate, ClipGradNorm, GradHook, GradNorm
 from pinet.optim import PiOptimizerWrapper, param_groups
 
 D = torch.float64
@@ -348,6 +348,12 @@ def test_argument_errors_name_the_argument():
     with pytest.raises(ValueError, match="ClipGradNorm: per_param must be a bool"):
         ClipGradNorm(1.0, per_param="yes")
     assert math.isclose(ClipGradNorm(2).max_norm, 2.0)
+    # A string is truthy: "no" must not silently mean True.
+    with pytest.raises(ValueError, match="GradNorm: error_if_nonfinite must be a bool, got 'no'"):
+        GradNorm("no")
+    wrapped = PiOptimizerWrapper(sgd, net)
+    with pytest.raises(TypeError, match="zero_grad: set_to_none must be a bool, got 'no'"):
+        wrapped.zero_grad("no")
 
 
 def test_complex_inputs_are_refused_by_every_layer():

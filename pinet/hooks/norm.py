@@ -73,7 +73,9 @@ class GradNorm(GradHook):
     ``clip_grad_norm_(error_if_nonfinite=True)``)."""
 
     def __init__(self, error_if_nonfinite: bool = True) -> None:
-        self.error_if_nonfinite = bool(error_if_nonfinite)
+        if not isinstance(error_if_nonfinite, bool):
+            raise ValueError(f"GradNorm: error_if_nonfinite must be a bool, got {error_if_nonfinite!r}")
+        self.error_if_nonfinite = error_if_nonfinite
 
     def update(self, grads: Grads, state, ctx: HookContext):
         sq = grad_sqnorms(grads, ctx)

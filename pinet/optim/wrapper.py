@@ -239,7 +239,7 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
             old = st.rows
             c_old_grad = grads.get(_join(name, "c"))
             # A sharded state (pinet.distributed) keeps its share of the replicated new rows.
-            keep = st.append(rows.A, rows.B)
+            keep = st.append(rows.A, rows.B, check_finite=False)  # finite: step() checked their norm
             appended[name] = rows.rows
             g = torch.zeros_like(st.c)
             if c_old_grad is not None:
@@ -262,6 +262,8 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
     # ------------------------------------------------------------------ torch API
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the inner optimizer's gradients and drop captured π-rows."""
+        if not isinstance(set_to_none, bool):
+            raise TypeError(f"PiOptimizerWrapper.zero_grad: set_to_none must be a bool, got {set_to_none!r}")
         self.optimizer.zero_grad(set_to_none=set_to_none)
         for st in self.ctx.pi_states.values():
             st.clear_pending()
