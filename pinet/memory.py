@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import numbers
 import os
 import sys
 from collections.abc import Iterator
@@ -123,4 +124,7 @@ def to_huge_pages(t: Tensor) -> Tensor:
 
 def zeros_rows(rows: int, width: int, *, device=None, dtype=None) -> Tensor:
     """``torch.zeros(rows, width)``, on huge pages where :func:`to_huge_pages` can put it."""
+    for name, v in (("rows", rows), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"zeros_rows: {name} must be a non-negative int, got {v!r}")
     return to_huge_pages(torch.zeros(rows, width, device=device, dtype=dtype))

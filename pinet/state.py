@@ -457,8 +457,15 @@ class FinPiState(nn.Module):
             raise ValueError(
                 f"FinPiState: width n={omega.shape[0]} must be at least the rank r={omega.shape[1]}"
             )
+        try:
+            gram_inv = torch.linalg.inv(omega.T @ omega)
+        except torch.linalg.LinAlgError as e:
+            raise ValueError(
+                f"FinPiState: omega {tuple(omega.shape)} must have rank r={omega.shape[1]} (linearly independent "
+                "columns); ΩᵀΩ is singular"
+            ) from e
         self.register_buffer("omega", omega)
-        self.register_buffer("gram_inv", torch.linalg.inv(omega.T @ omega))
+        self.register_buffer("gram_inv", gram_inv)
 
     @property
     def width(self) -> int:

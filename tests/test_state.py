@@ -260,3 +260,15 @@ def test_a_large_store_is_backed_by_huge_pages():
                 huge_kb = int(head[1])
                 break
     assert huge_kb is not None and huge_kb >= 2048, huge_kb
+
+
+def test_zeros_rows_and_fin_state_name_bad_arguments():
+    from pinet import memory
+
+    for bad in ((-1, 3), (2.5, 3), (3, True)):
+        with pytest.raises(ValueError, match=r"zeros_rows: (rows|width) must be a non-negative int"):
+            memory.zeros_rows(*bad)
+    assert memory.zeros_rows(0, 3).shape == (0, 3)
+    # Columns that are not linearly independent: no projector onto their span from (ΩᵀΩ)⁻¹.
+    with pytest.raises(ValueError, match=r"FinPiState: omega \(4, 2\) must have rank r=2 .*ΩᵀΩ is singular"):
+        pinet.FinPiState(torch.ones(4, 2, dtype=D))
