@@ -88,6 +88,20 @@ def _check_block(block_size) -> int:
     return block_size
 
 
+def _check_progress(progress) -> None:
+    # Checked before any block is computed: a bad callback must not fail half-way through `out`.
+    if progress is not None and not callable(progress):
+        raise TypeError(f"feature_kernel: progress must be a callable (done, total) or None, got {type(progress).__name__}")
+
+
+def _check_kernel_args(dtype, out, progress) -> None:
+    _check_progress(progress)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"feature_kernel: dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    if out is not None and isinstance(out, Tensor) and not out.is_floating_point():
+        raise TypeError(f"feature_kernel: out must be a floating-point tensor, got {out.dtype}")
+
+
 @torch.no_grad()
 def features(
     net: nn.Module,
@@ -120,6 +134,7 @@ def features(
         raise ValueError("feature_kernel: layer is not a submodule of net")
     x = _check_x("x", x)
     block_size = _check_block(block_size)
+    _check_progress(progress)
     dev = _device(net)
     box: list[Tensor] = []
 
@@ -217,6 +232,7 @@ def feature_kernel(
     if x2 is not None:
         x2 = _check_x("x2", x2, like=x1)
     block_size = _check_block(block_size)
+    _check_kernel_args(dtype, out, progress)  # before the features are computed
     layer = readout_layer(net) if layer is None else layer
     f1 = features(net, x1, layer=layer, block_size=block_size)
     f2 = None if x2 is None else features(net, x2, layer=layer, block_size=block_size)
@@ -245,6 +261,7 @@ def kernel_from_features(
                 f"{tuple(F1.shape)} and {kind2} {tuple(F2.shape)}"
             )
     block_size = _check_block(block_size)
+    _check_kernel_args(dtype, out, progress)
     dtype = dtype or F1.dtype
     F1, F2 = F1.to(dtype), F2.to(dtype)
     s1 = None if s1 is None else s1.to(dtype)

@@ -203,6 +203,8 @@ class MAML:
         for name, v in (("first_order", first_order), ("project_inner", project_inner)):
             if not isinstance(v, bool):
                 raise TypeError(f"MAML: {name} must be a bool, got {v!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"MAML: loss_fn must be a callable (logits, y) -> loss or None, got {type(loss_fn).__name__}")
         self.model = model
         self.step_size = float(step_size)
         self.num_steps = num_steps

@@ -146,6 +146,18 @@ def test_infinite_second_order_meta_gradient_is_exact(steps, one_thread):
     assert abs(fd - sq) <= 1e-7 * sq, (fd, sq)
 
 
+def test_maml_names_a_bad_argument():
+    net = pinet.InfPiMLP(6, 3, 4, 1)
+    with pytest.raises(TypeError, match=r"MAML: loss_fn must be a callable \(logits, y\) -> loss or None, got int"):
+        MAML(net, loss_fn=5)
+    with pytest.raises(ValueError, match=r"MAML: step_size must be a finite number, got nan"):
+        MAML(net, step_size=float("nan"))
+    with pytest.raises(ValueError, match=r"MAML: num_steps must be an int >= 1, got 1.5"):
+        MAML(net, num_steps=1.5)
+    with pytest.raises(TypeError, match=r"MAML: first_order must be a bool, got 'yes'"):
+        MAML(net, first_order="yes")
+
+
 def test_infinite_second_order_refuses_non_row_meta_gradients():
     net = _infinite()
     with pytest.raises(NotImplementedError, match="not a set of π-rows"):

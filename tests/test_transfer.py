@@ -193,6 +193,20 @@ def test_layer_choice_for_custom_nets():
         pinet.feature_kernel(net, x, block_size=0)
     with pytest.raises(ValueError, match="x2"):
         pinet.feature_kernel(net, x, torch.randn(3, 4, dtype=DT))
+    # Checked before any feature or block is computed (a failure half-way would leave `out` part-filled).
+    calls = []
+    with pytest.raises(TypeError, match="progress must be a callable"):
+        pinet.feature_kernel(net, x, progress=5)
+    with pytest.raises(TypeError, match="progress must be a callable"):
+        features(net, x, progress="yes")
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype or None, got torch.int32"):
+        pinet.feature_kernel(net, x, dtype=torch.int32)
+    out = torch.full((6, 6), 7, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"out must be a floating-point tensor, got torch.int64"):
+        pinet.feature_kernel(net, x, out=out, progress=lambda d, t: calls.append(d))
+    assert calls == [] and bool((out == 7).all())
+    with pytest.raises(TypeError, match="progress must be a callable"):
+        kernel_from_features(features(net, x), progress=1)
 
 
 # ---------------------------------------------------------------------------- kernel ridge regression
