@@ -620,7 +620,10 @@ def test_transfer_command_end_to_end_with_milestones(tiny_data, capsys):
     assert test["transfer_acc"] == pytest.approx(accs[:1], abs=1e-12)
 
 
-def test_transfer_resume_and_finite_width(tiny_data):
+@pytest.mark.parametrize("width", [["--width", "16"], []], ids=["finite", "infinite"])
+def test_transfer_resume_finite_and_infinite(tiny_data, width, capsys):
+    # The infinite net is saved as width 0; it must resume as the infinite net again (it was once
+    # refused: "--width must be a positive width").
     root, _ = tiny_data
     common = [
         "--r",
@@ -642,15 +645,15 @@ def test_transfer_resume_and_finite_width(tiny_data):
         str(root / "cifar"),
         "--imagenet-classes",
         "1,5,9,997",
-        "--width",
-        "16",
+        *width,
     ]
-    a = transfer_imagenet.main(common + ["--save-dir", str(root / "a")])
-    transfer_imagenet.main(common + ["--save-dir", str(root / "b"), "--stop-after", "1"])
+    tag = "finite" if width else "infinite"
+    a = transfer_imagenet.main(common + ["--save-dir", str(root / f"a_{tag}")])
+    transfer_imagenet.main(common + ["--save-dir", str(root / f"b_{tag}"), "--stop-after", "1"])
     b = transfer_imagenet.main(
         [
             "--resume",
-            str(root / "b" / "checkpoint.pt"),
+            str(root / f"b_{tag}" / "checkpoint.pt"),
             "--quiet",
             "--transfer",
             "--transfer-milestones",
@@ -661,7 +664,18 @@ def test_transfer_resume_and_finite_width(tiny_data):
             str(root / "cifar"),
         ]
     )
-    assert isinstance(a["model"], pinet.FinPiMLP) and a["model"].d_out == 4
+    assert isinstance(a["model"], pinet.FinPiMLP if width else pinet.InfPiMLP) and a["model"].d_out == 4
+    assert isinstance(b["model"], type(a["model"]))
+    # A damaged checkpoint gets the same checks as train's resume: one line, exit 2.
+    ckpt = torch.load(root / f"b_{tag}" / "checkpoint.pt", weights_only=False)
+    ckpt["rng"] = {}
+    torch.save(ckpt, root / f"bad_{tag}.pt")
+    with pytest.raises(SystemExit) as e:
+        transfer_imagenet.main(["--resume", str(root / f"bad_{tag}.pt"), "--quiet",
+                                "--imagenet-data", str(root / "imagenet"), "--cifar-data", str(root / "cifar")])  # fmt: skip
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "its RNG state ('rng') must hold torch, data, python" in err, err
     key = lambda h: [(r["epoch"], r["train_loss"], r["test_acc"]) for r in h]
     assert key(a["history"]) == key(b["history"])
     assert [(t["epoch"], t["acc"]) for t in a["transfers"]] == [

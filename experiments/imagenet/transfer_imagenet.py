@@ -36,6 +36,7 @@ from experiments.common import (
     _CLI_ONLY,
     CHECKPOINT_FORMAT,
     CLIError,
+    _check_checkpoint,
     _load,
     _plain_args,
     _rng_state,
@@ -283,7 +284,9 @@ def _merge_resume(parser, args, saved: dict) -> argparse.Namespace:
                 f"{flag} {new} conflicts with the checkpoint ({flag} {old}); a resumed run keeps its "
                 "training flags (only --epochs, --save-dir, data, transfer and output flags may change)"
             )
-        setattr(merged, key, old)
+        # The infinite net is saved as width 0 (what _check makes of an absent --width); it resumes
+        # as an absent --width again, which _check turns back into 0.
+        setattr(merged, key, None if key == "width" and old == 0 else old)
     if not (args.save_dir and args.save_dir != parser.get_default("save_dir")):
         merged.save_dir = os.path.dirname(os.path.abspath(args.resume))
     return merged
@@ -628,6 +631,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 raise CLIError(
                     f"{args.resume} has no {', '.join(map(repr, missing))} entry: it cannot be resumed exactly"
                 )
+            _check_checkpoint(checkpoint, args.resume)  # RNG state, epoch and history, as train's resume
             args = _merge_resume(parser, args, checkpoint["args"])
         _check(parser, args)
         if args.save_dir and os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):

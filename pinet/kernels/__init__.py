@@ -183,8 +183,12 @@ def pi_layer(
     except inside :func:`torch.compile`, where the product is the custom operator of
     :mod:`pinet.kernels.ops`).
     """
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
+    ):
+        raise ValueError(f"pinet.kernels.pi_layer: chunk_size must be a positive int or None, got {chunk_size!r}")
     if not torch.compiler.is_compiling():  # traced shapes are checked by the custom operator
-        _check_layer_args(g, A, B, c, chunk_size)
+        _check_tensors(g, A, B, c)
     s, gbar = normalize_rows(g)
     if layernorm:
         s = torch.ones_like(s)
@@ -211,7 +215,7 @@ def pi_layer(
     return s * u, s, gbar
 
 
-def _check_layer_args(g, A, B, c, chunk_size) -> None:
+def _check_tensors(g, A, B, c) -> None:
     # A wrong argument raises here, naming it, on every backend alike (not deep inside one).
     where = "pinet.kernels.pi_layer"
     for name, t, dim in (("g", g, 2), ("A", A, 2), ("B", B, 2), ("c", c, 1)):
@@ -233,10 +237,6 @@ def _check_layer_args(g, A, B, c, chunk_size) -> None:
         raise ValueError(
             f"{where}: g, A, B and c must be on one device, got {g.device}, {A.device}, {B.device}, {c.device}"
         )
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
-    ):
-        raise ValueError(f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 # Dynamo settings under which a compiled step does not recompile as M grows: a PiState keeps its
