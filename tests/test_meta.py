@@ -231,6 +231,14 @@ def test_cli_digits_above_chance(tmp_path, one_thread):
     assert row3["epoch"] == 3
     with open(out / "log.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
+    # Validation of the trained model writes validate.csv and leaves the training run's files as they are
+    # (it once replaced log.csv and curves.png with its single row).
+    files = {n: (out / n).read_bytes() for n in ("log.csv", "curves.png", "checkpoint.pt")}
+    val = _run(common + ["--validate-only", "--load-model-path", out / "model.th"])
+    assert val["train_outer_loss"] is None and 0.0 <= val["test_accuracy"] <= 1.0
+    assert {n: (out / n).read_bytes() for n in files} == files
+    with open(out / "validate.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1
 
 
 def test_cli_finite_and_kernel_baseline(tmp_path, capsys, one_thread):
@@ -271,15 +279,26 @@ def test_cli_omniglot_folder(tmp_path, one_thread):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     missing = tmp_path / "nothing"
     with pytest.raises(SystemExit) as e:
-        _run([missing, "--dataset", "omniglot", "--no-progress"])
+        _run([missing, "--dataset", "omniglot", "--first-order", "--no-progress"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(missing) in err
-    for bad in (["--normalize", "BN"], ["--hidden-size", 8], ["--orig-model"], ["--optimizer", "adam"]):
+    for bad in (["--normalize", "BN"], ["--hidden-size", 8], ["--orig-model"], ["--optimizer", "adam"],
+                ["--num-shots-test", 0], ["--meta-lr", -5], ["--meta-momentum", 3], ["--step-size", -1]):  # fmt: skip
         with pytest.raises(SystemExit) as e:
-            _run(["x", "--dataset", "digits", *bad])
+            _run(["x", "--dataset", "digits", "--first-order", *bad])
         assert e.value.code == 2
-        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and bad[0] in err, err
+    # The defaults (second order, adapt all, infinite net) have no π-limit form: refused before the
+    # data, the model or the output folder exist (it was once refused at the first meta-step).
+    folder = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        _run(["x", "--dataset", "digits", "--output-folder", folder, "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr()
+    assert "second-order MAML with adapt='all'" in err.err and "--adapt-readout-only" in err.err
+    assert "epoch" not in err.out and not folder.exists()
     # A diverging meta-training run (meta-lr far too large) stops with one line, not a traceback.
     with pytest.raises(SystemExit) as e:
         _run(["x", "--dataset", "digits", "--num-ways", 5, "--num-shots", 1, "--num-shots-test", 3,

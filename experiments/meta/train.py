@@ -1,6 +1,6 @@
 """MAML with π-nets: the reference's meta-learning command (every flag; docs/meta.md).
 
-    python -m experiments.meta.train unused --dataset digits --output-folder output/meta   # embedded task
+    python -m experiments.meta.train unused --dataset digits --adapt-readout-only --output-folder output/meta   # embedded task
     python -m experiments.meta.train DATA --dataset omniglot --num-ways 5 --num-shots 1 ...  # Omniglot
 
 ``--hidden-size -1`` meta-trains the infinite π-net, ``--hidden-size N`` the finite π-net of width
@@ -8,7 +8,7 @@ N sampled from the same initialisation (same ``--seed``). ``--gp`` / ``--ntk`` (
 layer ``--gp1lp`` / ``--ntk1lp``) score the NNGP / NTK kernel baselines instead (kernel regression
 on each support set; nothing is meta-trained). Writes ``log.csv`` (one row per epoch),
 ``curves.png``, ``checkpoint.pt`` (every epoch) and ``model.th`` (best meta-test accuracy) into
-``--output-folder``.
+``--output-folder``; ``--validate-only`` writes ``validate.csv`` there and leaves those as they are.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--use-cuda", action="store_true", help="run on CUDA (error if unavailable)")
     a("--overwrite-existing", action="store_true", help="overwrite an --output-folder that holds a log.csv")
     a("--no-train-shuffle", action="store_true", help="the same meta-training tasks every epoch")
-    a("--validate-only", action="store_true", help="only meta-test (with --load-model-path)")
+    a("--validate-only", action="store_true",
+      help="only meta-test (with --load-model-path); with --output-folder the result goes to validate.csv there")
     a("--test-dataset-split", type=str, default="val", help=f"meta-test split: one of {SPLITS}")
     a("--seed", type=int, default=1, help="seed of the initialisation, Ω and the tasks")
     a("--dtype", type=str, default="float64", help="float64 | float32 | float16 (π-row storage; compute >= float32)")
@@ -155,8 +156,25 @@ def check_args(args) -> None:
                  "first_layer_lr_mult", "last_layer_lr_mult", "bias_lr_mult", "grad_clip", "lr_drop_ratio"):  # fmt: skip
         if not math.isfinite(getattr(args, flag)):
             raise CLIError(f"--{flag.replace('_', '-')} must be finite")
+    if args.num_shots_test == 0:
+        raise CLIError("--num-shots-test must be >= 1 (or negative: the same as --num-shots), got 0")
+    if args.meta_lr < 0:
+        raise CLIError(f"--meta-lr must be >= 0, got {args.meta_lr}")
+    if not 0 <= args.meta_momentum < 1:
+        raise CLIError(f"--meta-momentum must be in [0, 1), got {args.meta_momentum}")
+    if args.step_size < 0:
+        raise CLIError(f"--step-size must be >= 0 (the inner loop descends), got {args.step_size}")
+    kernel = args.gp or args.ntk or args.gp1lp or args.ntk1lp
+    if not kernel and not args.validate_only and args.hidden_size < 0 and not args.first_order and adapt_set(args) != "readout":
+        # What MAML.meta_step would refuse at its first step (docs/meta.md), said before anything is built.
+        raise CLIError(
+            f"second-order MAML with adapt={adapt_set(args)!r} on the infinite net (--hidden-size -1) has no π-limit "
+            "form: its meta-gradient is not a set of π-rows (docs/meta.md); pass --adapt-readout-only (the paper's "
+            "setting), --first-order, or a finite --hidden-size"
+        )
     if args.validate_only and not args.load_model_path:
         raise CLIError("--validate-only needs --load-model-path (there is nothing trained to test)")
+
     if args.use_cuda and not torch.cuda.is_available():
         raise CLIError("--use-cuda: CUDA is not available")
     if args.output_folder and os.path.exists(args.output_folder) and not os.path.isdir(args.output_folder):
@@ -403,20 +421,22 @@ def run(args, progress: bool) -> dict:
         print(f"{epoch + 1:5d}  {fmt(row['train_outer_loss']):>16}  {fmt(row['train_accuracy']):>9}  "
               f"{row['test_outer_loss']:15.4f}  {row['test_accuracy']:8.4f}  {row['rows']}  {row['epoch_time']:.1f}s",
               flush=True)  # fmt: skip
-        if args.output_folder:
+        if args.output_folder and args.validate_only:
+            # Its own file: the folder's log.csv and curves.png are the training run's, kept as they are.
+            write_log(history, os.path.join(args.output_folder, "validate.csv"))
+        elif args.output_folder:
             write_log(history, os.path.join(args.output_folder, "log.csv"))
             kind = "π-limit" if args.hidden_size < 0 else f"finite π-net n={args.hidden_size}"
             plot(history, os.path.join(args.output_folder, "curves.png"),
                  f"MAML {args.num_ways}-way {args.num_shots}-shot, {args.dataset}, {kind}")  # fmt: skip
-            if not args.validate_only:
-                ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sch.state_dict() if sch is not None else None, "history": history,
-                        "epoch": epoch + 1, "rng": train_gen.get_state(), "args": vars(args)}  # fmt: skip
-                atomic_write(os.path.join(args.output_folder, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
-                if row["test_accuracy"] > best:
-                    best = row["test_accuracy"]
-                    sd = model.state_dict()
-                    atomic_write(os.path.join(args.output_folder, "model.th"), lambda f: torch.save(sd, f))
+            ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sch.state_dict() if sch is not None else None, "history": history,
+                    "epoch": epoch + 1, "rng": train_gen.get_state(), "args": vars(args)}  # fmt: skip
+            atomic_write(os.path.join(args.output_folder, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
+            if row["test_accuracy"] > best:
+                best = row["test_accuracy"]
+                sd = model.state_dict()
+                atomic_write(os.path.join(args.output_folder, "model.th"), lambda f: torch.save(sd, f))
     return history[-1] if history else {}
 
 
