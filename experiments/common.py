@@ -134,6 +134,17 @@ def load_digits_data(
     from sklearn.model_selection import train_test_split
 
     X, y = load_digits(return_X_y=True)
+    # The split's own limits, said here instead of as a scikit-learn traceback: a numpy seed, and
+    # a stratified split needs at least one example of each of the 10 classes on both sides.
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
+        raise CLIError(f"--split-seed must be an int in [0, 2**32), got {split_seed!r}")
+    n_test = math.ceil(test_size * len(y)) if 0.0 < test_size < 1.0 else 0
+    if not 10 <= n_test <= len(y) - 10:
+        lo, hi = 10 / len(y), (len(y) - 10) / len(y)
+        raise CLIError(
+            f"--test-size must leave at least 10 examples (one per class) on each side of the {len(y)} digits: "
+            f"a fraction in [{lo:.4f}, {hi:.4f}], got {test_size}"
+        )
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_size, random_state=split_seed, stratify=y)
     # Statistics of the whole training split, so that subsets (and --test runs) see the same features.
     mean = Xtr.mean(axis=0)
@@ -302,6 +313,13 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
                           "bias_lr_mult", "lr_drop_ratio"):  # fmt: skip
         if not math.isfinite(v) or v < 0:
             bad(flag, f"must be a finite number >= 0, got {v}")
+    if args.momentum >= 1:
+        # The velocity of SGD with momentum μ >= 1 never forgets a gradient: it grows without bound.
+        bad("--momentum", f"must be in [0, 1), got {args.momentum}")
+    if not 0 <= args.seed < 2**63 - 8:  # torch seeds are 64-bit; the runs derive seed + 1, seed + 2, ...
+        bad("--seed", f"must be an int in [0, 2**63 - 8), got {args.seed}")
+    if args.epochs < 1 and not args.test:
+        bad("--epochs", f"must be >= 1 (nothing would be trained), got {args.epochs}")
     for flag, v in values("first_layer_alpha", "last_layer_alpha", "bias_alpha", "last_bias_alpha"):
         if v is not None and not math.isfinite(v):
             bad(flag, f"must be finite, got {v}")

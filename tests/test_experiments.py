@@ -113,6 +113,14 @@ def test_width_samples_the_same_initialisation(tmp_path):
         ("--resume /nonexistent/checkpoint.pt", "--resume"),
         ("--float --float64", "--float64"),
         ("--no-such-flag", "--no-such-flag"),
+        ("--momentum 1.0", "--momentum: must be in [0, 1)"),
+        ("--momentum 1.5", "--momentum: must be in [0, 1)"),
+        ("--epochs 0", "--epochs: must be >= 1"),
+        ("--seed -1", "--seed: must be an int in [0, 2**63 - 8)"),
+        ("--seed 18446744073709551615", "--seed"),
+        ("--split-seed -1", "--split-seed must be an int in [0, 2**32)"),
+        ("--test-size 0.001", "--test-size must leave at least 10 examples"),
+        ("--test-size 0.999", "--test-size must leave at least 10 examples"),
     ],
 )
 def test_bad_flags_are_clear_errors(capsys, argv, flag):
