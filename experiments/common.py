@@ -725,6 +725,20 @@ def _check_checkpoint(checkpoint: dict, where: str) -> None:
         raise CLIError(f"{where}: 'history' must be a list, got {type(checkpoint['history']).__name__}")
 
 
+def check_output_file(flag: str, path: str, also: tuple[str, ...] = ()) -> None:
+    """A :class:`CLIError` before any work if ``path`` cannot be written later: a directory at
+    ``path`` (or at ``path`` with each suffix in ``also`` for its own, e.g. ``(".json",)``), or a
+    file where one of its parent directories would have to be."""
+    for target in (path, *(os.path.splitext(path)[0] + suffix for suffix in also)):
+        if os.path.isdir(target):
+            raise CLIError(f"{flag} {path}: {target} is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):  # the nearest existing ancestor must be a directory
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise CLIError(f"{flag} {path}: {parent} is a file, not a directory")
+
+
 def _prepare_save_dir(save_dir: str) -> None:
     """Create ``save_dir`` (a :class:`CLIError` if it is a file or cannot be created) and remove the
     temp files an interrupted run may have left."""

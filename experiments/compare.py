@@ -28,6 +28,7 @@ import torch
 from experiments.common import (
     CLIError,
     add_training_args,
+    check_output_file,
     check_training_args,
     fit,
     load_digits_data,
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     if small and "finite" in args.methods:
         p.error(f"argument --widths: finite π-nets need width >= r = {args.r}, got {small}")
     try:
+        if args.out:
+            check_output_file("--out", args.out, also=(".json",))  # now, not after the runs
         device = resolve_device(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)

@@ -36,6 +36,7 @@ from experiments.common import (
     CLIError,
     TensorData,
     add_training_args,
+    check_output_file,
     check_training_args,
     fit,
     load_digits_data,
@@ -299,6 +300,18 @@ def main(argv: list[str] | None = None) -> str:
     p = build_parser()
     args = p.parse_args(argv)
     check_training_args(p, args)
+    # Flags of experiments.train that this demo cannot honour: refused, not silently ignored.
+    for flag, v in (("--train-subset", args.train_subset), ("--test-subset", args.test_subset)):
+        if v is not None:
+            p.error(f"argument {flag}: not used by the transfer demo (it uses the whole digits split: "
+                    "source digits 0-4, target digits 5-9)")  # fmt: skip
+    if args.cuda:
+        p.error("argument --cuda: the transfer demo runs on the CPU (its nets are small)")
+    if args.out:
+        try:
+            check_output_file("--out", args.out)  # now, not after the runs
+        except CLIError as e:
+            p.error(f"argument {e}")
     if args.seeds < 1:
         p.error(f"argument --seeds: must be a positive integer, got {args.seeds}")
     if args.shots < 1:

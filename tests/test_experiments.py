@@ -230,6 +230,19 @@ def test_cifar10_help_documents_depth(capsys):
 
 
 # ------------------------------------------------------------------------------------------ compare
+def test_compare_checks_its_output_paths_before_the_runs(tmp_path, capsys):
+    (tmp_path / "j.json").mkdir()  # the .json written next to the table
+    (tmp_path / "afile").write_text("keep")
+    for out, msg in ((tmp_path, "is a directory, not a file"), (tmp_path / "j.md", "j.json is a directory"),
+                     (tmp_path / "afile" / "x.md", "afile is a file, not a directory")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            compare.main(["--seeds", "1", "--epochs", "1", "--out", str(out)])
+        assert e.value.code == 2
+        captured = capsys.readouterr()
+        assert msg in captured.err and captured.out == "", captured  # refused before any run printed
+    assert not (tmp_path / "j.md").exists() and (tmp_path / "afile").read_text() == "keep"
+
+
 def test_compare_writes_markdown_table(tmp_path, capsys):
     out = tmp_path / "cmp.md"
     compare.main(("--seeds 2 --widths 16,32 --mlp-width 32 --epochs 1 --r 8 --train-subset 150 "

@@ -827,3 +827,25 @@ def test_custom_net_sampled_by_pinet_sample():
     fin = pinet.sample(net, 256, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="head_a, head_b"):
         pinet.feature_kernel(fin, x)  # two finite readouts: which one is ambiguous
+
+
+def test_transfer_demo_refuses_what_it_cannot_honour_before_any_work(tmp_path, capsys):
+    from experiments import transfer_demo
+
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["--train-subset", "64"], "--train-subset: not used by the transfer demo"),
+        (["--test-subset", "64"], "--test-subset: not used by the transfer demo"),
+        (["--cuda"], "--cuda: the transfer demo runs on the CPU"),
+        (["--epochs", "0"], "--epochs: must be >= 1"),
+        (["--out", str(tmp_path / "adir")], "is a directory, not a file"),
+        (["--out", str(tmp_path / "afile" / "x.md")], "afile is a file, not a directory"),
+    ]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            transfer_demo.main(argv + ["--no-progress"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+    assert (tmp_path / "afile").read_text() == "keep"
