@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import time
 from pathlib import Path
 
@@ -47,7 +48,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    _check(p, args)
+    return args
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    # Every flag before any work or any folder is made: one line naming the flag, exit 2.
+    r = H.RATE_CONFIGS[args.config].r
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or any(w < r for w in widths):
+        p.error(f"argument --widths: comma-separated widths >= r = {r} of --config {args.config}, got {args.widths!r}")
+    args.widths = ",".join(map(str, widths))
+    for flag, v in (("--seeds", args.seeds), ("--omegas", args.omegas)):
+        if v < 1:
+            p.error(f"argument {flag}: must be a positive integer, got {v}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"argument --threads: must be a positive integer, got {args.threads}")
+    if args.calibrate < 0:
+        p.error(f"argument --calibrate: must be >= 0 (0: off), got {args.calibrate}")
+    if not args.name or os.sep in args.name or args.name in (".", ".."):
+        p.error(f"argument --name: a file name stem without {os.sep!r}, got {args.name!r}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"argument --out: {args.out} is a file, not a directory")
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        p.error(f"argument --out: {parent} is a file, not a directory")
 
 
 def run(cfg: H.TrainConfig, widths: list[int], seeds: int, omegas: int, progress: bool = True) -> dict:

@@ -280,3 +280,32 @@ def test_cli_optimizer_is_torch_fused_sgd_on_the_cpu():
     model = build_model(args, 64, 10, torch.device("cpu"))
     opt, _ = build_optimizer(args, model)
     assert all(g["fused"] is True for g in opt.param_groups)
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--widths", "abc"], "--widths: comma-separated widths >= r = 4"),
+        (["--widths", ""], "--widths: comma-separated widths >= r = 4"),
+        (["--widths", "2"], "--widths: comma-separated widths >= r = 4"),
+        (["--seeds", "0"], "--seeds: must be a positive integer"),
+        (["--omegas", "0"], "--omegas: must be a positive integer"),
+        (["--threads", "-1"], "--threads: must be a positive integer"),
+        (["--calibrate", "-1"], "--calibrate: must be >= 0"),
+        (["--name", "sub/x"], "--name: a file name stem"),
+    ],
+)
+def test_equivalence_cli_checks_its_flags_before_any_work(tmp_path, capsys, argv, msg):
+    # Each of these was a traceback (ValueError, ZeroDivisionError, hypothesis InvalidArgument ...),
+    # some only after the training, and --out was created first.
+    from experiments import equivalence
+
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        equivalence.main(argv + ["--out", str(out), "--no-progress"])
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err and not out.exists()
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(SystemExit):
+        equivalence.main(["--out", str(tmp_path / "afile" / "sub")])
+    assert "afile is a file, not a directory" in capsys.readouterr().err
