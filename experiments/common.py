@@ -725,6 +725,24 @@ def _check_checkpoint(checkpoint: dict, where: str) -> None:
         raise CLIError(f"{where}: 'history' must be a list, got {type(checkpoint['history']).__name__}")
 
 
+def _file_in_the_way(directory: str) -> str | None:
+    """The nearest existing path at or above ``directory``, if it is not a directory."""
+    p = os.path.abspath(directory)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    return None if os.path.isdir(p) else p
+
+
+def check_output_dir(flag: str, path: str) -> None:
+    """A :class:`CLIError` before any work if the directory ``path`` cannot be made later: a file
+    at ``path`` or where one of its parents would have to be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{flag} {path} is an existing file, not a directory")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise CLIError(f"{flag} {path}: {blocker} is a file, not a directory")
+
+
 def check_output_file(flag: str, path: str, also: tuple[str, ...] = ()) -> None:
     """A :class:`CLIError` before any work if ``path`` cannot be written later: a directory at
     ``path`` (or at ``path`` with each suffix in ``also`` for its own, e.g. ``(".json",)``), or a
@@ -732,11 +750,9 @@ def check_output_file(flag: str, path: str, also: tuple[str, ...] = ()) -> None:
     for target in (path, *(os.path.splitext(path)[0] + suffix for suffix in also)):
         if os.path.isdir(target):
             raise CLIError(f"{flag} {path}: {target} is a directory, not a file")
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):  # the nearest existing ancestor must be a directory
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise CLIError(f"{flag} {path}: {parent} is a file, not a directory")
+    blocker = _file_in_the_way(os.path.dirname(os.path.abspath(path)))
+    if blocker is not None:
+        raise CLIError(f"{flag} {path}: {blocker} is a file, not a directory")
 
 
 def _prepare_save_dir(save_dir: str) -> None:
@@ -765,7 +781,10 @@ def _load(path: str, what: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=world_size() > 1)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         first_line = str(e).splitlines()[0] if str(e) else ""
-        raise CLIError(f"cannot read {what} {path}: {type(e).__name__}: {first_line}") from None
+        if len(first_line) > 160:  # a damaged zip archive is reported in one very long line
+            first_line = first_line[:160] + " ..."
+        raise CLIError(f"cannot read {what} {path}: not a complete file written by torch.save "
+                       f"({type(e).__name__}: {first_line})") from None  # fmt: skip
     if not isinstance(obj, dict):
         raise CLIError(f"{what} {path} does not contain a dict (got {type(obj).__name__})")
     return obj

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -202,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"argument --seeds: must be a positive integer, got {args.seeds}")
     if args.mlp_width < 1:
         p.error(f"argument --mlp-width: must be a positive integer, got {args.mlp_width}")
+    bad_ridges = [v for v in args.ridges if not (math.isfinite(v) and v >= 0)]
+    if bad_ridges or not args.ridges:
+        p.error(f"argument --ridges: finite numbers >= 0, got {bad_ridges or args.ridges}")
     small = [w for w in args.widths if w < args.r]
     if small and "finite" in args.methods:
         p.error(f"argument --widths: finite π-nets need width >= r = {args.r}, got {small}")

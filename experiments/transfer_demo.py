@@ -23,6 +23,7 @@ reference's 1e-4, made independent of each kernel's scale). Writes the markdown 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -320,8 +321,8 @@ def main(argv: list[str] | None = None) -> str:
         p.error(f"argument --widths/--trained-width: finite π-nets need width >= r = {args.r}")
     if args.mlp_width < 0 or args.trained_width < 0:
         p.error("argument --mlp-width/--trained-width: must be >= 0")
-    if not args.ridge >= 0:
-        p.error(f"argument --ridge: must be >= 0, got {args.ridge}")
+    if not (math.isfinite(args.ridge) and args.ridge >= 0):
+        p.error(f"argument --ridge: must be a finite number >= 0, got {args.ridge}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     bar = None

@@ -309,3 +309,28 @@ def test_equivalence_cli_checks_its_flags_before_any_work(tmp_path, capsys, argv
     with pytest.raises(SystemExit):
         equivalence.main(["--out", str(tmp_path / "afile" / "sub")])
     assert "afile is a file, not a directory" in capsys.readouterr().err
+
+
+def test_output_folders_under_a_file_and_bad_ridges_are_one_line_errors(tmp_path, capsys):
+    # Each was a traceback (NotADirectoryError, a ridge ValueError) after the parsing, some late.
+    from experiments import transfer_demo
+    from experiments.imagenet import transfer_imagenet
+    from experiments.meta import train as meta_train
+
+    (tmp_path / "afile").write_text("keep")
+    under = str(tmp_path / "afile" / "sub")
+    cases = [
+        (lambda: transfer_imagenet.main(["--imagenet-data", str(tmp_path), "--save-dir", under]), "afile is a file"),
+        (lambda: meta_train.main(["x", "--dataset", "digits", "--first-order", "--output-folder", under]), "afile is a file"),
+        (lambda: compare.main(["--ridges", "inf"]), "--ridges: finite numbers >= 0, got [inf]"),
+        (lambda: transfer_demo.main(["--ridge", "inf"]), "--ridge: must be a finite number >= 0, got inf"),
+        (lambda: train.main(["--resume", str(tmp_path / "afile")]), "not a complete file written by torch.save"),
+    ]
+    for run, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            run()
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        # argparse's own errors print the usage first; the error itself is the one last line
+        assert msg in err.splitlines()[-1] and "Traceback" not in err, err
+    assert (tmp_path / "afile").read_text() == "keep"

@@ -45,6 +45,7 @@ from experiments.common import (
     add_training_args,
     build_model,
     build_optimizer,
+    check_output_dir,
     check_training_args,
     evaluate,
     format_header,
@@ -634,8 +635,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             _check_checkpoint(checkpoint, args.resume)  # RNG state, epoch and history, as train's resume
             args = _merge_resume(parser, args, checkpoint["args"])
         _check(parser, args)
-        if args.save_dir and os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
-            raise CLIError(f"--save-dir {args.save_dir} exists and is not a directory")
+        if args.save_dir:
+            check_output_dir("--save-dir", args.save_dir)
         say = (lambda *a: None) if args.quiet else print
         device = resolve_device(args)
         if args.threads is not None:

@@ -23,7 +23,7 @@ import time
 import torch
 
 import pinet
-from experiments.common import CLIError, atomic_write, plot_rows, rows_per_layer, write_history_csv
+from experiments.common import CLIError, atomic_write, check_output_dir, plot_rows, rows_per_layer, write_history_csv
 from experiments.meta.data import SPLITS, load_digits_tasks, load_omniglot
 from pinet.hooks import ClipGradNorm, ProjectToR
 from pinet.meta import MAML
@@ -177,8 +177,8 @@ def check_args(args) -> None:
 
     if args.use_cuda and not torch.cuda.is_available():
         raise CLIError("--use-cuda: CUDA is not available")
-    if args.output_folder and os.path.exists(args.output_folder) and not os.path.isdir(args.output_folder):
-        raise CLIError(f"--output-folder {args.output_folder} is a file, not a folder")
+    if args.output_folder:
+        check_output_dir("--output-folder", args.output_folder)
     if (args.output_folder and os.path.exists(os.path.join(args.output_folder, "log.csv"))
             and not args.overwrite_existing and not args.load_model_path):  # fmt: skip
         raise CLIError(f"--output-folder {args.output_folder} already holds a log.csv; pass --overwrite-existing")
