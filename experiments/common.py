@@ -884,6 +884,13 @@ def fit(
     instead of the π-MLP that ``args`` describes (e.g. a :class:`pinet.baselines.MLP`, in its own
     dtype).
     """
+    batches = math.ceil(data.n_train / args.batch_size) * args.epochs
+    if args.accum_steps > batches:
+        # One update per --accum-steps batches (the stash carries over epochs): with more than the
+        # whole run has, it would end without a single optimizer step.
+        raise CLIError(f"--accum-steps {args.accum_steps} exceeds the {batches} batches of the whole run "
+                       f"({data.n_train} examples, --batch-size {args.batch_size}, --epochs {args.epochs}): "
+                       "nothing would be trained")  # fmt: skip
     storage, compute = precision(args)
     if model is None:
         model = build_model(args, data.d_in, data.d_out, device)

@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"argument --seeds: must be a positive integer, got {args.seeds}")
     if args.mlp_width < 1:
         p.error(f"argument --mlp-width: must be a positive integer, got {args.mlp_width}")
+    if args.train_subset is not None and args.train_subset < 2:
+        # The kernels pick their ridge on a validation split carved from the training examples.
+        p.error(f"argument --train-subset: must be >= 2 (a training and a validation example), got {args.train_subset}")
     bad_ridges = [v for v in args.ridges if not (math.isfinite(v) and v >= 0)]
     if bad_ridges or not args.ridges:
         p.error(f"argument --ridges: finite numbers >= 0, got {bad_ridges or args.ridges}")

@@ -121,6 +121,7 @@ def test_width_samples_the_same_initialisation(tmp_path):
         ("--split-seed -1", "--split-seed must be an int in [0, 2**32)"),
         ("--test-size 0.001", "--test-size must leave at least 10 examples"),
         ("--test-size 0.999", "--test-size must leave at least 10 examples"),
+        ("--accum-steps 50 --train-subset 64 --epochs 6", "--accum-steps 50 exceeds the 12 batches of the whole run"),
     ],
 )
 def test_bad_flags_are_clear_errors(capsys, argv, flag):
@@ -323,6 +324,8 @@ def test_output_folders_under_a_file_and_bad_ridges_are_one_line_errors(tmp_path
         (lambda: transfer_imagenet.main(["--imagenet-data", str(tmp_path), "--save-dir", under]), "afile is a file"),
         (lambda: meta_train.main(["x", "--dataset", "digits", "--first-order", "--output-folder", under]), "afile is a file"),
         (lambda: compare.main(["--ridges", "inf"]), "--ridges: finite numbers >= 0, got [inf]"),
+        (lambda: compare.main(["--train-subset", "1"]), "--train-subset: must be >= 2"),
+        (lambda: meta_train.main(["x", "--dataset", "digits", "--first-order", "--seed", str(2**64)]), "--seed must be an int"),
         (lambda: transfer_demo.main(["--ridge", "inf"]), "--ridge: must be a finite number >= 0, got inf"),
         (lambda: train.main(["--resume", str(tmp_path / "afile")]), "not a complete file written by torch.save"),
     ]

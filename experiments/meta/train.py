@@ -156,6 +156,8 @@ def check_args(args) -> None:
                  "first_layer_lr_mult", "last_layer_lr_mult", "bias_lr_mult", "grad_clip", "lr_drop_ratio"):  # fmt: skip
         if not math.isfinite(getattr(args, flag)):
             raise CLIError(f"--{flag.replace('_', '-')} must be finite")
+    if not 0 <= args.seed < 2**63 - 8:  # torch seeds are 64-bit; the run derives seed + 1 ... seed + 3
+        raise CLIError(f"--seed must be an int in [0, 2**63 - 8), got {args.seed}")
     if args.num_shots_test == 0:
         raise CLIError("--num-shots-test must be >= 1 (or negative: the same as --num-shots), got 0")
     if args.meta_lr < 0:
