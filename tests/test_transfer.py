@@ -748,6 +748,9 @@ def test_missing_data_and_refused_flags_are_one_line_errors(tiny_data, capsys):
         ]
     )
     assert "CIFAR-10 not found" in err and "data_batch_1" in err and "--cifar-data" in err
+    # Checked before ImageNet32 is loaded: with both missing, the CIFAR-10 error comes first.
+    err = err_of(["--imagenet-data", str(root / "noimagenet"), "--cifar-data", str(root / "nocifar"), "--transfer"])
+    assert "CIFAR-10 not found" in err, err
     assert "not implemented" in err_of(["--gaussian-init", "--width", "64"])
     assert "after --epochs 2" in err_of(
         ["--transfer", "--transfer-milestones", "5", "--epochs", "2"], usage=True

@@ -195,14 +195,22 @@ def load_imagenet32(
     return Xtr, ytr, Xva, yva
 
 
-def load_cifar10(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """CIFAR-10's python batches under ``root/cifar-10-batches-py`` (or ``root`` itself):
-    ``(X_train (50000, 3072) uint8, y_train, X_test (10000, 3072), y_test)``, read like ImageNet32."""
+def cifar10_folder(root: str) -> str:
+    """The folder holding CIFAR-10's python batches under ``root`` (``root/cifar-10-batches-py`` or
+    ``root`` itself); a :class:`CLIError` naming ``--cifar-data`` if a batch is missing. Cheap: a
+    command checks it before it loads anything else."""
     folder = os.path.join(root, "cifar-10-batches-py")
     if not os.path.isdir(folder) and all(_find(root, n) for n in CIFAR_FILES):
         folder = root
     hint = "cifar-10-batches-py/ with data_batch_1, …, data_batch_5 and test_batch (extract cifar-10-python.tar.gz)"
     _missing(folder, CIFAR_FILES, "CIFAR-10", "--cifar-data", hint)
+    return folder
+
+
+def load_cifar10(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CIFAR-10's python batches under ``root/cifar-10-batches-py`` (or ``root`` itself):
+    ``(X_train (50000, 3072) uint8, y_train, X_test (10000, 3072), y_test)``, read like ImageNet32."""
+    folder = cifar10_folder(root)
     parts = [read_batch(_find(folder, n), label_base=0) for n in CIFAR_FILES]
     Xtr = np.concatenate([p[0] for p in parts[:5]])
     ytr = np.concatenate([p[1] for p in parts[:5]])

@@ -58,7 +58,7 @@ from experiments.common import (
     train_epoch,
     write_csv,
 )
-from experiments.imagenet.data import Uint8Data, load_cifar10, load_imagenet32, normalize, parse_classes
+from experiments.imagenet.data import Uint8Data, cifar10_folder, load_cifar10, load_imagenet32, normalize, parse_classes
 from pinet.baselines import accuracy, kernel_ridge, one_hot_targets
 from pinet.features import features, kernel_from_features
 from pinet.hooks import ClipGradNorm
@@ -637,6 +637,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         _check(parser, args)
         if args.save_dir:
             check_output_dir("--save-dir", args.save_dir)
+        if args.transfer:
+            cifar10_folder(args.cifar_data)  # before ImageNet32 is loaded (minutes at full size)
         say = (lambda *a: None) if args.quiet else print
         device = resolve_device(args)
         if args.threads is not None:
