@@ -909,6 +909,11 @@ def fit(
     start = 0
     if args.save_dir and lead:
         _prepare_save_dir(args.save_dir)
+        previous = [n for n in ("checkpoint.pt", "log.csv") if os.path.exists(os.path.join(args.save_dir, n))]
+        if checkpoint is None and previous and not quiet:
+            # Not silent: a fresh run replaces an earlier run's files there from its first epoch on.
+            print(f"note: --save-dir {args.save_dir} holds an earlier run's {' and '.join(previous)}; this run "
+                  "replaces them (continue that run with --resume instead)", file=sys.stderr)  # fmt: skip
     if checkpoint is not None:
         _check_checkpoint(checkpoint, "the checkpoint")
         try:

@@ -337,3 +337,12 @@ def test_output_folders_under_a_file_and_bad_ridges_are_one_line_errors(tmp_path
         # argparse's own errors print the usage first; the error itself is the one last line
         assert msg in err.splitlines()[-1] and "Traceback" not in err, err
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_a_fresh_run_into_an_earlier_runs_save_dir_says_so(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--epochs", "1", "--save-dir", out, "--train-subset", "64"])
+    assert "note:" not in capsys.readouterr().err
+    train.main(FAST + ["--epochs", "1", "--save-dir", out, "--train-subset", "64"])
+    err = capsys.readouterr().err
+    assert "holds an earlier run's checkpoint.pt and log.csv; this run replaces them" in err and "--resume" in err
