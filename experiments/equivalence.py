@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.common import CLIError, check_output_dir
 from pinet import testing as H
 
 
@@ -72,14 +73,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"argument --calibrate: must be >= 0 (0: off), got {args.calibrate}")
     if not args.name or os.sep in args.name or args.name in (".", ".."):
         p.error(f"argument --name: a file name stem without {os.sep!r}, got {args.name!r}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"argument --out: {args.out} is a file, not a directory")
-    parent = out.absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        p.error(f"argument --out: {parent} is a file, not a directory")
+    try:
+        check_output_dir("--out", args.out)
+    except CLIError as e:
+        p.error(f"argument {e}")
 
 
 def run(cfg: H.TrainConfig, widths: list[int], seeds: int, omegas: int, progress: bool = True) -> dict:
