@@ -758,8 +758,7 @@ def check_output_file(flag: str, path: str, also: tuple[str, ...] = ()) -> None:
 def _prepare_save_dir(save_dir: str) -> None:
     """Create ``save_dir`` (a :class:`CLIError` if it is a file or cannot be created) and remove the
     temp files an interrupted run may have left."""
-    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
-        raise CLIError(f"--save-dir {save_dir} is an existing file, not a directory")
+    check_output_dir("--save-dir", save_dir)
     try:
         os.makedirs(save_dir, exist_ok=True)
     except OSError as e:
