@@ -467,9 +467,9 @@ def bench_size(cfg: Config, M: int, bar: tqdm) -> Row:
     return row
 
 
-def backend_table(rows: list[Row], cfg: Config, flops: float) -> str:
+def backend_table(rows: list[Row], cfg: Config) -> str:
     """Per backend and size: ms per step, the ratio to the roofline floor (the larger of the
-    memory floor and the four products' FLOPs at the square-sgemm rate) and the speed-up over
+    memory floor and the four products' FLOPs at this size's best square-sgemm rate) and the speed-up over
     the naive baseline, all from the same interleaved run; and the π-products alone
     (:func:`products_runner`) against the same floor, the rate at which they stream the state (two
     reads) as a fraction of this size's read bandwidth, and the rest of the step (its fixed part)."""
@@ -482,7 +482,7 @@ def backend_table(rows: list[Row], cfg: Config, flops: float) -> str:
         for r in rows:
             ms = r.step_ms if name == "default" else r.extra["backend_step_ms"][name]
             # This size's ceilings (best of its rounds): the load the steps themselves saw.
-            roof = max(r.floor_ms, flops_per_row(cfg) * r.M / r.extra.get("sgemm_flops", flops) * 1e3)
+            roof = max(r.floor_ms, flops_per_row(cfg) * r.M / r.extra["sgemm_flops"] * 1e3)
             speed = None if r.naive_step_ms is None else r.naive_step_ms / ms
             label = f"default ({pinet.kernels.backend()})" if name == "default" else name
             if name.startswith("SGD "):
@@ -770,7 +770,7 @@ def _run(cfg: Config, a: argparse.Namespace) -> dict:
         md += [
             f"Per backend (roofline from each size's best read bandwidth and best square sgemm, timed "
             f"between its steps: {rates}):\n",
-            backend_table(rows, cfg, flops),
+            backend_table(rows, cfg),
             "",
         ]
     for name, ok, detail in checks:
