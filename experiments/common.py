@@ -907,7 +907,7 @@ def fit(
     history: list[dict] = []
     start = 0
     if args.save_dir and lead:
-        _prepare_save_dir(args.save_dir)
+        check_output_dir("--save-dir", args.save_dir)  # a file in the way is refused before any work
         previous = [n for n in ("checkpoint.pt", "log.csv") if os.path.exists(os.path.join(args.save_dir, n))]
         if checkpoint is None and previous and not quiet:
             # Not silent: a fresh run replaces an earlier run's files there from its first epoch on.
@@ -932,6 +932,9 @@ def fit(
     else:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
+    if args.save_dir and lead:
+        # Created only now: a checkpoint that cannot be restored leaves no empty folder behind.
+        _prepare_save_dir(args.save_dir)
 
     save_dir = args.save_dir
     say = (lambda *a: None) if quiet or not lead else print

@@ -194,8 +194,12 @@ class MAML:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAML: model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size):
-            raise ValueError(f"MAML: step_size must be a finite number, got {step_size!r}")
+        if (
+            isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size)
+            or step_size < 0
+        ):  # fmt: skip
+            # A negative inner step ascends the support loss: a sign slip, not a setting.
+            raise ValueError(f"MAML: step_size must be a finite number >= 0, got {step_size!r}")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"MAML: num_steps must be an int >= 1, got {num_steps!r}")
         if adapt not in ADAPT:

@@ -141,6 +141,18 @@ def test_resume_refuses_conflicting_flags(tmp_path, capsys):
     assert "--lr 0.3 conflicts with the checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
+def test_refused_resume_leaves_no_empty_save_dir(tmp_path, capsys):
+    # The new --save-dir is created only once the checkpoint has been restored.
+    train.main(FAST + ["--epochs", "1", "--save-dir", str(tmp_path / "a"), "--train-subset", "64"])
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    del ckpt["rng"]
+    torch.save(ckpt, tmp_path / "damaged.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path / "damaged.pt"), "--epochs", "2", "--save-dir", str(tmp_path / "new")])
+    assert e.value.code == 2 and "rng" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 # ------------------------------------------------------------------------------------------ CIFAR-10
 REFERENCE = (  # the command of the reference README (seeds/000_*), minus --cuda
     "--lr 1.0 --gclip-per-param --gclip 0.4 --lr-drop-ratio 0.15 --lr-drop-milestones 40 "

@@ -184,9 +184,10 @@ def test_layers_use_the_selected_backend(monkeypatch):
         from pinet.kernels import fused
 
         seen = []
-        monkeypatch.setattr(fused, "pi_product", lambda *a: seen.append(a[0].dtype) or real(*a))
+        whole = fused.pi_layer
+        monkeypatch.setattr(fused, "pi_layer", lambda *a: seen.append(a[0].dtype) or whole(*a))
         calls.clear()
-        net(torch.randn(3, 6)).sum().backward()  # auto: the fused kernel
+        net(torch.randn(3, 6)).sum().backward()  # auto: the fused kernel, the whole layer in one call
         assert seen == [torch.float32] * 2 and calls == []
 
 
@@ -522,6 +523,121 @@ def test_fused_forward_and_four_gradients_match_float64(b, r, r_out, M, chunk, t
         assert _rel(only, want_g[0]) < 2e-6  # the training case: ∂ḡ alone, the fused backward
     finally:
         torch.set_num_threads(before)
+
+
+def _layer_reference(g, A, B, c, layernorm, w_out, w_s, w_gbar):
+    # pi_layer's composite (normalize_rows, the formula, the scale) in float64, and the gradient
+    # of <w_out, out> + <w_s, s> + <w_gbar, ḡ> with respect to g.
+    g = g.clone().requires_grad_()
+    s, gbar = F.normalize_rows(g)
+    if layernorm:
+        s = torch.ones_like(s)
+    out = s * F.pi_product(gbar, A, B, c)
+    loss = (out * w_out).sum() + (gbar * w_gbar).sum() + ((s * w_s).sum() if not layernorm else 0)
+    return out.detach(), s.detach(), gbar.detach(), torch.autograd.grad(loss, g)[0]
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk", [None, 16])
+@pytest.mark.parametrize("layernorm", [False, True])
+@pytest.mark.parametrize("b,r,r_out,M", [(3, 5, 7, 37), (1, 9, 3, 1), (8, 64, 10, 2501), (5, 20, 10, 0), (9, 100, 61, 300)])
+def test_fused_whole_layer_matches_float64(b, r, r_out, M, layernorm, chunk, threads, isa):
+    # In training (constant rows and coefficients) pi_layer runs normalisation, product and scale
+    # as one fused call each way (FusedPiLayer); its three outputs and the gradient through all
+    # three, raw g with a zero row included, must equal the float64 composite.
+    from pinet.kernels import fused
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(M + 3 * r + b)
+        g = 3 * torch.randn(b, r, generator=gen, dtype=D)
+        if b > 2:
+            g[1] = 0  # a zero row: s = 0, ḡ = 0, as the composite gives
+        A, c = torch.randn(M, r_out, generator=gen, dtype=D), torch.randn(M, generator=gen, dtype=D)
+        B = TF.normalize(torch.randn(M, r, generator=gen, dtype=D), dim=1)
+        ws = [torch.randn(b, k, generator=gen, dtype=D) for k in (r_out, 1, r)]
+        if b > 2:
+            # The zero row's ∂g is (w_ḡ + the product's backward of w_out with layernorm) / tiny:
+            # small weights keep it below float32's largest value.
+            ws[0][1] *= 1e-2
+            ws[2][1] *= 1e-2
+        g, A, B, c, *ws = (t.float().double() for t in (g, A, B, c, *ws))
+        want = _layer_reference(g, A, B, c, layernorm, *ws)
+        gr = g.float().requires_grad_()
+        with kernels.use_backend("fused"):
+            out, s, gbar = kernels.pi_layer(gr, A.float(), B.float(), c.float(), layernorm=layernorm, chunk_size=chunk)
+        assert type(out.grad_fn) is fused.FusedPiLayer._backward_cls
+        loss = (out * ws[0].float()).sum() + (gbar * ws[2].float()).sum() + ((s * ws[1].float()).sum() if not layernorm else 0)
+        got = (out.detach(), s.detach(), gbar.detach(), torch.autograd.grad(loss, gr)[0])
+        live = [i for i in range(b) if not (b > 2 and i == 1)]
+        for name, x, y in zip(("out", "s", "ḡ", "∂g"), got, want):
+            assert x.dtype == torch.float32 and x.shape == y.shape, name
+            # float32 rounding (observed ≤ 1e-7 of the largest entry); a wrong scale, sign or
+            # projection term is off by O(1).
+            assert _rel(x[live], y[live]) < 2e-6, (name, _rel(x[live], y[live]))
+        if b > 2:
+            # The zero row's ∂g is w_ḡ / tiny, tiny being the dtype's smallest normal: compare it
+            # with torch's float32 composite rather than float64's.
+            g2 = g.float().requires_grad_()
+            with kernels.use_backend("torch"):
+                o2, s2, gb2 = kernels.pi_layer(g2, A.float(), B.float(), c.float(), layernorm=layernorm, chunk_size=chunk)
+            loss2 = (o2 * ws[0].float()).sum() + (gb2 * ws[2].float()).sum() + ((s2 * ws[1].float()).sum() if not layernorm else 0)
+            zero = torch.autograd.grad(loss2, g2)[0][1]
+            assert torch.isfinite(got[3][1]).all() and _rel(got[3][1], zero.double()) < 2e-6
+            assert got[1][1].item() == (1.0 if layernorm else 0.0) and not got[2][1].any()
+        with torch.no_grad(), kernels.use_backend("fused"):  # the forward alone, no autograd node
+            again = kernels.pi_layer(gr, A.float(), B.float(), c.float(), layernorm=layernorm, chunk_size=chunk)
+        assert all(torch.equal(x, y) for x, y in zip(again, got[:3]))
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+@pytest.mark.parametrize("layernorm", [False, True])
+def test_fused_whole_layer_double_backward_equals_torch_backend(layernorm):
+    # create_graph=True differentiates the rebuilt composite: the same second derivatives as the
+    # torch backend's, to float32 rounding.
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(4, 12, generator=gen)
+    A, c = torch.randn(300, 6, generator=gen), torch.randn(300, generator=gen)
+    B = TF.normalize(torch.randn(300, 12, generator=gen), dim=1)
+    res = {}
+    for name in ("fused", "torch"):
+        gr = g.clone().requires_grad_()
+        with kernels.use_backend(name):
+            out, s, _ = kernels.pi_layer(gr, A, B, c, layernorm=layernorm)
+            (first,) = torch.autograd.grad((out**2).sum() + s.sum(), gr, create_graph=True)
+            (second,) = torch.autograd.grad((first**2).sum(), gr)
+        res[name] = (first.detach().double(), second.double())
+    assert _rel(res["fused"][0], res["torch"][0]) < 1e-5 and _rel(res["fused"][1], res["torch"][1]) < 1e-5
+
+
+@needs_native
+def test_fused_whole_layer_only_for_constant_rows():
+    # Gradients for A, B or c (meta-learning, tests) keep the product's own autograd function,
+    # with the normalisation around it from torch ops.
+    from pinet.kernels import fused
+
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(3, 8, generator=gen).requires_grad_()
+    A, c = torch.randn(50, 4, generator=gen), torch.randn(50, generator=gen)
+    B = TF.normalize(torch.randn(50, 8, generator=gen), dim=1)
+    with kernels.use_backend("fused"):
+        assert type(kernels.pi_layer(g, A, B, c)[0].grad_fn) is fused.FusedPiLayer._backward_cls
+        out = kernels.pi_layer(g, A, B, c.clone().requires_grad_())[0]
+    assert type(out.grad_fn) is not fused.FusedPiLayer._backward_cls
+
+
+@needs_native
+def test_fused_layer_backward_names_a_wrong_shape():
+    A, B, c = torch.randn(10, 4), TF.normalize(torch.randn(10, 6), dim=1), torch.randn(10)
+    out, u, n, gbar, acos = knative.fused_layer_forward(torch.randn(3, 6), A, B, c, False, True)
+    with pytest.raises(ValueError, match="grad_out must have shape \\(3, 4\\)"):
+        knative.fused_layer_backward(gbar, n, u, torch.randn(3, 5), None, None, A, B, c, acos, False)
+    with pytest.raises(ValueError, match="acos must have shape \\(10, 3\\)"):
+        knative.fused_layer_backward(gbar, n, u, None, None, None, A, B, c, acos[:5], False)
 
 
 @needs_native

@@ -150,8 +150,11 @@ def test_maml_names_a_bad_argument():
     net = pinet.InfPiMLP(6, 3, 4, 1)
     with pytest.raises(TypeError, match=r"MAML: loss_fn must be a callable \(logits, y\) -> loss or None, got int"):
         MAML(net, loss_fn=5)
-    with pytest.raises(ValueError, match=r"MAML: step_size must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=r"MAML: step_size must be a finite number >= 0, got nan"):
         MAML(net, step_size=float("nan"))
+    with pytest.raises(ValueError, match=r"MAML: step_size must be a finite number >= 0, got -0.1"):
+        MAML(net, step_size=-0.1)
+    assert MAML(net, step_size=0).step_size == 0.0  # no adaptation: a baseline, not an error
     with pytest.raises(ValueError, match=r"MAML: num_steps must be an int >= 1, got 1.5"):
         MAML(net, num_steps=1.5)
     with pytest.raises(TypeError, match=r"MAML: first_order must be a bool, got 'yes'"):

@@ -707,6 +707,16 @@ def test_restricted_loader_rejects_a_pickle_that_carries_code(tiny_data, capsys)
     assert ok["data"].dtype == np.uint8 and ok["data"].shape[1] == 3072
 
 
+@pytest.mark.parametrize("labels", [["a", "b"], [1.5, 2.0]])
+def test_batch_with_non_integer_labels_is_a_one_line_error(tmp_path, labels):
+    # Strings used to end in numpy's "invalid literal for int()"; fractions were truncated silently.
+    path = tmp_path / "train_data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": labels}, f)
+    with pytest.raises(imagenet_data.CLIError, match=r"train_data_batch_1: 'labels' must be integers, got"):
+        imagenet_data.read_batch(str(path), label_base=1)
+
+
 def test_missing_data_and_refused_flags_are_one_line_errors(tiny_data, capsys):
     root, _ = tiny_data
 

@@ -119,7 +119,10 @@ def read_batch(path: str, *, label_base: int) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in obj or "labels" not in obj:
         raise CLIError(f"{path}: expected keys 'data' and 'labels', found {sorted(map(str, obj))}")
     X = np.asarray(obj["data"])
-    y = np.asarray(obj["labels"]).astype(np.int64).reshape(-1) - label_base
+    labels = np.asarray(obj["labels"])
+    if labels.dtype.kind not in "iu":  # strings or fractions are not class ids; do not truncate them
+        raise CLIError(f"{path}: 'labels' must be integers, got {labels.dtype} values such as {labels.reshape(-1)[:3].tolist()}")
+    y = labels.astype(np.int64).reshape(-1) - label_base
     if X.dtype != np.uint8 or X.ndim != 2 or X.shape[1] != 3072 or X.shape[0] != y.shape[0]:
         raise CLIError(
             f"{path}: 'data' must be (N, 3072) uint8 with one label per row, got {X.dtype} "

@@ -189,10 +189,16 @@ def pi_layer(
         raise ValueError(f"pinet.kernels.pi_layer: chunk_size must be a positive int or None, got {chunk_size!r}")
     if not torch.compiler.is_compiling():  # traced shapes are checked by the custom operator
         _check_tensors(g, A, B, c)
+    name = backend(g.device)
+    if name == "fused" and not torch.compiler.is_compiling():
+        from . import fused
+
+        if fused.serves_layer(g, A, B, c):
+            # Normalisation, product and scale in one C++ call each way (the same math as below).
+            return fused.pi_layer(g, A, B, c, layernorm, chunk_size)
     s, gbar = normalize_rows(g)
     if layernorm:
         s = torch.ones_like(s)
-    name = backend(g.device)
     if torch.compiler.is_compiling():
         # One opaque custom operator per call, so the compiled graph does not depend on M.
         from . import ops

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..functional import normalize_rows
 from . import native, torch_ops
 
-__all__ = ["FusedPiProduct", "pi_product"]
+__all__ = ["FusedPiLayer", "FusedPiProduct", "pi_layer", "pi_product"]
 
 
 def _serves(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor) -> bool:
@@ -94,3 +95,64 @@ def pi_product(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor, chunk_size: int | 
     if torch.is_grad_enabled() and any(t.requires_grad for t in (gbar, A, B, c)):
         return FusedPiProduct.apply(gbar, A, B, c, chunk_size)
     return forward(gbar, A, B, c, chunk_size)
+
+
+def serves_layer(g: Tensor, A: Tensor, B: Tensor, c: Tensor) -> bool:
+    """Whether :func:`pi_layer` runs the whole layer fused: what :func:`pi_product` serves, with
+    constant rows and coefficients (as in training, where the layers pass ``c`` detached)."""
+    return _serves(g, A, B, c) and not (A.requires_grad or B.requires_grad or c.requires_grad)
+
+
+class FusedPiLayer(torch.autograd.Function):
+    """``apply(g (b, r), A, B, c, layernorm, chunk_size) -> (out (b, r_out), s (b, 1), ḡ (b, r))``:
+    :func:`pinet.kernels.pi_layer`'s normalisation, product and scale in one C++ call each way,
+    float32 CPU, constant ``A``, ``B``, ``c``. Double backward recomputes the layer through the
+    composite (:func:`_composite_grad`)."""
+
+    @staticmethod
+    def forward(ctx, g, A, B, c, layernorm, chunk_size):  # type: ignore[override]
+        A, B, c = (_rows(t) for t in (A, B, c))
+        out, u, n, gbar, acos = native.fused_layer_forward(_rows(g), A, B, c, layernorm, keep=chunk_size is None)
+        s = torch.ones_like(n) if layernorm else n
+        ctx.set_materialize_grads(False)  # s and ḡ usually get no gradient: no zero tensors for them
+        ctx.layernorm, ctx.chunk_size = layernorm, chunk_size
+        ctx.save_for_backward(g, A, B, c, gbar, u, n, acos)
+        if layernorm:
+            ctx.mark_non_differentiable(s)
+        return out, s, gbar
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_s, grad_gbar):  # type: ignore[override]
+        g, A, B, c, gbar, u, n, acos = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            grad_g = _composite_grad(g, A, B, c, ctx.layernorm, ctx.chunk_size, grad_out, grad_s, grad_gbar)
+            return grad_g, None, None, None, None, None
+        if grad_out is None and grad_s is None and grad_gbar is None:
+            return None, None, None, None, None, None
+        grad_out, grad_s, grad_gbar = (None if t is None else _rows(t.to(torch.float32)) for t in (grad_out, grad_s, grad_gbar))
+        grad_g = native.fused_layer_backward(gbar, n, u, grad_out, grad_s, grad_gbar, A, B, c, acos, ctx.layernorm)
+        return grad_g, None, None, None, None, None
+
+
+def _composite_grad(g, A, B, c, layernorm, chunk_size, grad_out, grad_s, grad_gbar) -> Tensor:
+    # The layer rebuilt from its parts (normalize_rows, the differentiable product, the scale) and
+    # differentiated with create_graph: exact second derivatives at the cost of one more forward.
+    with torch.enable_grad():
+        s, gbar = normalize_rows(g)
+        if layernorm:
+            s = torch.ones_like(s)
+        out = s * pi_product(gbar, A, B, c, chunk_size)
+        pairs = [(o, d) for o, d in ((out, grad_out), (s, grad_s), (gbar, grad_gbar)) if d is not None and o.requires_grad]
+        if not pairs:
+            return torch.zeros_like(g)
+        grad = torch.autograd.grad([o for o, _ in pairs], g, [d for _, d in pairs], create_graph=True, allow_unused=True)[0]
+    return torch.zeros_like(g) if grad is None else grad
+
+
+def pi_layer(g: Tensor, A: Tensor, B: Tensor, c: Tensor, layernorm: bool, chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, s, ḡ)`` of :func:`pinet.kernels.pi_layer` by :class:`FusedPiLayer` (or, without
+    autograd, its forward alone), for tensors :func:`serves_layer` accepts."""
+    if torch.is_grad_enabled() and g.requires_grad:
+        return FusedPiLayer.apply(g, A, B, c, layernorm, chunk_size)
+    out, _, n, gbar, _ = native.fused_layer_forward(_rows(g), *(_rows(t) for t in (A, B, c)), layernorm, keep=False)
+    return out, torch.ones_like(n) if layernorm else n, gbar

@@ -460,6 +460,9 @@ static void reduce_block(const float* V, int64_t b, const S* X, int64_t K, int64
 # thread keeps a partial result, added at the end, so a float32 sum carries rounding of order
 # eps·(FB + M / FB) rather than eps·M.
 _FUSED_DRIVERS = r"""
+#include <cfloat>
+#include <cmath>
+
 static const int64_t FB = 64;
 
 static inline int64_t next_rows(int64_t r0, int64_t rows, int64_t e) {  // rows of the block after
@@ -544,6 +547,75 @@ static void fused_bwd_g(const float* g, const float* d, const S* A, const S* B, 
   for (int t = 0; t < nthreads; ++t)
     for (int64_t q = 0; q < b * r; ++q) gg[q] += part[(size_t)t * b * r + q];
 }
+
+// The whole π-layer in one call, as pinet.kernels.pi_layer composes it from torch ops: per row of
+// g (b, r) the norm n = ‖g‖ (summed in double) and ḡ = g / max(n, FLT_MIN) (the composite's
+// clamp_min(tiny)), u = (J(B ḡᵀ) ⊙ c)ᵀ A and out = n ⊙ u (u with layernorm). One call instead of
+// about ten small torch ops, each of which runs cold after the product has streamed the state.
+template <typename S>
+static void fused_layer_fwd(const float* g, const S* A, const S* B, const float* c, int64_t M, int64_t b, int64_t r,
+                            int64_t ro, float inv2pi, int layernorm, float* out, float* u, float* norm, float* gbar,
+                            float* acos_out, int nthreads) {
+  for (int64_t k = 0; k < b; ++k) {
+    double ss = 0.0;
+    for (int64_t j = 0; j < r; ++j) ss += (double)g[k * r + j] * g[k * r + j];
+    // A norm below FLT_MIN counts as 0 (torch's float32 norm underflows there too): such a row
+    // gets s = 0 and ḡ = g / FLT_MIN, as the composite's clamp_min(tiny) gives.
+    const double nd = std::sqrt(ss);
+    const float n = nd < FLT_MIN ? 0.f : (float)nd;
+    const float den = n == 0.f ? FLT_MIN : n;
+    norm[k] = n;
+    for (int64_t j = 0; j < r; ++j) gbar[k * r + j] = g[k * r + j] / den;
+  }
+  for (int64_t q = 0; q < b * ro; ++q) u[q] = 0.f;
+  if (M) fused_fwd<S>(gbar, A, B, c, M, b, r, ro, inv2pi, u, acos_out, nthreads);
+  for (int64_t k = 0; k < b; ++k) {
+    const float sk = layernorm ? 1.f : norm[k];
+    for (int64_t j = 0; j < ro; ++j) out[k * ro + j] = sk * u[k * ro + j];
+  }
+}
+
+// The vector-Jacobian product of fused_layer_fwd with respect to g: grad_out (b, ro) for out, and
+// grad_s (b) / grad_gbar (b, r) for the returned s and ḡ (null: zero). With t = ∂L/∂ḡ (the
+// product's backward at d = n ⊙ grad_out, plus grad_gbar) and σ = ⟨grad_out, u⟩ + grad_s (0 with
+// layernorm, whose s is constant): ∂L/∂g = (t − ḡ ⟨ḡ, t⟩) / n + σ ḡ; for a zero row (n = 0, see
+// fused_layer_fwd) the clamp passes no gradient to n and torch's norm backward gives 0 there, so
+// ∂L/∂g = t / FLT_MIN. grad_g (b, r) is written; gg (b, r) and d (b, ro) are scratch.
+template <typename S>
+static void fused_layer_bwd(const float* gbar, const float* norm, const float* u,
+                            const float* grad_out, const float* grad_s, const float* grad_gbar, const S* A,
+                            const S* B, const float* c, const float* acos_in, int64_t M, int64_t b, int64_t r,
+                            int64_t ro, float inv2pi, int layernorm, float* grad_g, float* gg, float* d,
+                            int nthreads) {
+  for (int64_t q = 0; q < b * r; ++q) gg[q] = grad_gbar ? grad_gbar[q] : 0.f;
+  if (grad_out && M) {
+    for (int64_t k = 0; k < b; ++k) {
+      const float sk = layernorm ? 1.f : norm[k];
+      for (int64_t j = 0; j < ro; ++j) d[k * ro + j] = sk * grad_out[k * ro + j];
+    }
+    fused_bwd_g<S>(gbar, d, A, B, c, acos_in, M, b, r, ro, inv2pi, gg, nthreads);
+  }
+  for (int64_t k = 0; k < b; ++k) {
+    double sigma = 0.0;
+    if (!layernorm) {
+      if (grad_out)
+        for (int64_t j = 0; j < ro; ++j) sigma += (double)grad_out[k * ro + j] * u[k * ro + j];
+      if (grad_s) sigma += grad_s[k];
+    }
+    const float n = norm[k];
+    const float* t = gg + k * r;
+    const float* gb = gbar + k * r;
+    float* o = grad_g + k * r;
+    if (n > 0.f) {
+      double dot = 0.0;
+      for (int64_t j = 0; j < r; ++j) dot += (double)gb[j] * t[j];
+      const float inv = 1.f / n, dt = (float)dot, sg = (float)sigma;
+      for (int64_t j = 0; j < r; ++j) o[j] = (t[j] - gb[j] * dt) * inv + sg * gb[j];
+    } else {
+      for (int64_t j = 0; j < r; ++j) o[j] = t[j] / FLT_MIN;
+    }
+  }
+}
 """
 
 # C entry points per storage type: pinet_fused_fwd / pinet_fused_bwd_g for float32 rows, with
@@ -556,6 +628,19 @@ extern "C" void pinet_fused_fwd{sfx}(const float* g, const void* A, const void* 
 extern "C" void pinet_fused_bwd_g{sfx}(const float* g, const float* d, const void* A, const void* B, const float* c,
     const float* acos_in, int64_t M, int64_t b, int64_t r, int64_t ro, float inv2pi, float* gg, int nthreads) {{
   fused_bwd_g(g, d, (const {S}*)A, (const {S}*)B, c, acos_in, M, b, r, ro, inv2pi, gg, nthreads);
+}}
+extern "C" void pinet_fused_layer_fwd{sfx}(const float* g, const void* A, const void* B, const float* c, int64_t M,
+    int64_t b, int64_t r, int64_t ro, float inv2pi, int layernorm, float* out, float* u, float* norm, float* gbar,
+    float* acos_out, int nthreads) {{
+  fused_layer_fwd(g, (const {S}*)A, (const {S}*)B, c, M, b, r, ro, inv2pi, layernorm, out, u, norm, gbar, acos_out,
+                  nthreads);
+}}
+extern "C" void pinet_fused_layer_bwd{sfx}(const float* gbar, const float* norm, const float* u,
+    const float* grad_out, const float* grad_s, const float* grad_gbar, const void* A, const void* B, const float* c,
+    const float* acos_in, int64_t M, int64_t b, int64_t r, int64_t ro, float inv2pi, int layernorm, float* grad_g,
+    float* gg, float* d, int nthreads) {{
+  fused_layer_bwd(gbar, norm, u, grad_out, grad_s, grad_gbar, (const {S}*)A, (const {S}*)B, c, acos_in, M, b, r,
+                  ro, inv2pi, layernorm, grad_g, gg, d, nthreads);
 }}
 """
 _STORAGE = {torch.float32: ("", "float"), torch.bfloat16: ("_bf16", "bf16_t"), torch.float16: ("_f16", "f16_t")}
@@ -702,6 +787,12 @@ def _load_isa(isa: str) -> ctypes.CDLL:
             getattr(lib, "pinet_fused_fwd" + sfx).restype = None
             getattr(lib, "pinet_fused_bwd_g" + sfx).argtypes = [P, P, P, P, P, P, I, I, I, I, F, P, ctypes.c_int]
             getattr(lib, "pinet_fused_bwd_g" + sfx).restype = None
+            getattr(lib, "pinet_fused_layer_fwd" + sfx).argtypes = [
+                P, P, P, P, I, I, I, I, F, ctypes.c_int, P, P, P, P, P, ctypes.c_int]
+            getattr(lib, "pinet_fused_layer_fwd" + sfx).restype = None
+            getattr(lib, "pinet_fused_layer_bwd" + sfx).argtypes = [
+                P, P, P, P, P, P, P, P, P, P, I, I, I, I, F, ctypes.c_int, P, P, P, ctypes.c_int]
+            getattr(lib, "pinet_fused_layer_bwd" + sfx).restype = None
         _fused_libs[isa] = lib
     return _fused_libs[isa]
 
@@ -805,3 +896,52 @@ def fused_backward_g(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor, acos: Tensor
             None if acos is None else acos.data_ptr(), M, b, r, ro, _INV_TWO_PI, gg.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return gg
+
+
+def fused_layer_forward(
+    g: Tensor, A: Tensor, B: Tensor, c: Tensor, layernorm: bool, keep: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The whole π-layer by one fused call: ``(out, u, n, ḡ, acos)`` with n = ‖g‖ (b, 1),
+    ḡ = g / max(n, tiny) (b, r), u = (J(ḡ Bᵀ) ⊙ c) A (b, r_out), out = n ⊙ u (u with
+    ``layernorm``) and ``arccos(-q)`` (M, b) if ``keep``. Tensors as in :func:`fused_forward`,
+    ``g`` (b, r) in place of ḡ."""
+    lib = load_fused()
+    M, b, r, ro, sfx = _fused_args("pinet.kernels.native.fused_layer_forward", g, A, B, c)
+    out, u, n, gbar = torch.empty(b, ro), torch.empty(b, ro), torch.empty(b, 1), torch.empty(b, r)
+    acos = torch.empty(M, b) if keep else None
+    if b:
+        getattr(lib, "pinet_fused_layer_fwd" + sfx)(
+            g.data_ptr(), A.data_ptr(), B.data_ptr(), c.data_ptr(), M, b, r, ro, _INV_TWO_PI, int(layernorm),
+            out.data_ptr(), u.data_ptr(), n.data_ptr(), gbar.data_ptr(),
+            None if acos is None else acos.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return out, u, n, gbar, acos
+
+
+def fused_layer_backward(
+    gbar: Tensor, n: Tensor, u: Tensor, grad_out: Tensor | None, grad_s: Tensor | None,
+    grad_gbar: Tensor | None, A: Tensor, B: Tensor, c: Tensor, acos: Tensor | None, layernorm: bool,
+) -> Tensor:  # fmt: skip
+    """``∂L/∂g`` (b, r) of :func:`fused_layer_forward`'s ``(out, s, ḡ)`` given their gradients
+    ``grad_out`` (b, r_out), ``grad_s`` (b, 1) and ``grad_gbar`` (b, r), each contiguous float32
+    or ``None`` (zero); ``acos`` from the forward or ``None`` (the cosines are recomputed)."""
+    lib = load_fused()
+    where = "pinet.kernels.native.fused_layer_backward"
+    M, b, r, ro, sfx = _fused_args(where, gbar, A, B, c)
+    shapes = {"n": (b, 1), "u": (b, ro), "grad_out": (b, ro), "grad_s": (b, 1), "grad_gbar": (b, r),
+              "acos": (M, b)}  # fmt: skip
+    given = {"n": n, "u": u, "grad_out": grad_out, "grad_s": grad_s, "grad_gbar": grad_gbar, "acos": acos}
+    for name, t in given.items():
+        if t is not None:
+            _check(where, name, t)
+            if tuple(t.shape) != shapes[name]:
+                raise ValueError(f"{where}: {name} must have shape {shapes[name]}, got {tuple(t.shape)}")
+    grad_g, scratch_g, scratch_d = torch.empty(b, r), torch.empty(b, r), torch.empty(b, ro)
+    if b:
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        getattr(lib, "pinet_fused_layer_bwd" + sfx)(
+            gbar.data_ptr(), n.data_ptr(), u.data_ptr(), ptr(grad_out), ptr(grad_s), ptr(grad_gbar),
+            A.data_ptr(), B.data_ptr(), c.data_ptr(), ptr(acos), M, b, r, ro, _INV_TWO_PI, int(layernorm),
+            grad_g.data_ptr(), scratch_g.data_ptr(), scratch_d.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return grad_g
