@@ -14,7 +14,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from . import functional as F
+from .kernels import rows_sqnorm
 
 __all__ = ["PiRows"]
 
@@ -118,8 +118,9 @@ class PiRows:
         return PiRows(self.A.to(*args, **kwargs), self.B.to(*args, **kwargs), self.coef.to(*args, **kwargs))
 
     def sqnorm(self) -> Tensor:
-        """``‖Δ‖²`` of this update (see :func:`pinet.functional.pi_rows_sqnorm`)."""
-        return F.pi_rows_sqnorm(self.A, self.B, self.coef)
+        """``‖Δ‖²`` of this update (see :func:`pinet.functional.pi_rows_sqnorm`), on the selected
+        kernel backend (:func:`pinet.kernels.rows_sqnorm`)."""
+        return rows_sqnorm(self.A, self.B, self.coef)
 
     def __repr__(self) -> str:
         return f"PiRows(rows={self.rows}, r_in={self.r_in}, r_out={self.r_out}, dtype={self.A.dtype})"

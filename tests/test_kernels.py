@@ -184,8 +184,8 @@ def test_layers_use_the_selected_backend(monkeypatch):
         from pinet.kernels import fused
 
         seen = []
-        whole = fused.pi_layer
-        monkeypatch.setattr(fused, "pi_layer", lambda *a: seen.append(a[0].dtype) or whole(*a))
+        whole = fused.whole_layer
+        monkeypatch.setattr(fused, "whole_layer", lambda *a: seen.append(a[0].dtype) or whole(*a))
         calls.clear()
         net(torch.randn(3, 6)).sum().backward()  # auto: the fused kernel, the whole layer in one call
         assert seen == [torch.float32] * 2 and calls == []
@@ -628,6 +628,32 @@ def test_fused_whole_layer_only_for_constant_rows():
         assert type(kernels.pi_layer(g, A, B, c)[0].grad_fn) is fused.FusedPiLayer._backward_cls
         out = kernels.pi_layer(g, A, B, c.clone().requires_grad_())[0]
     assert type(out.grad_fn) is not fused.FusedPiLayer._backward_cls
+
+
+@needs_native
+@pytest.mark.parametrize("k,r,r_out", [(8, 400, 400), (1, 3, 5), (13, 37, 10), (16, 400, 10)])
+def test_fused_rows_sqnorm_matches_float64(k, r, r_out):
+    # The optimizer's ‖Δ‖² of π-rows in one fused call (double sums) on the fused backend.
+    gen = torch.Generator().manual_seed(k + r)
+    A, c = torch.randn(k, r_out, generator=gen), torch.rand(k, generator=gen)
+    B = TF.normalize(torch.randn(k, r, generator=gen), dim=1)
+    B[0] = B[-1]  # a repeated row: its cosine is 1 up to rounding, which may exceed 1
+    for coef in (c, None):
+        want = F.pi_rows_sqnorm(A.double(), B.double(), None if coef is None else coef.double())
+        with kernels.use_backend("fused"):
+            got = kernels.rows_sqnorm(A, B, coef)
+            assert got.dtype == torch.float32 and got.dim() == 0
+            assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want))  # float32 rounding of the result
+            if coef is not None:  # what the optimizer's norm hooks call
+                assert torch.equal(pinet.PiRows(A, B, coef).sqnorm(), got)
+        with kernels.use_backend("torch"):  # the switch reaches it: torch's ops, bit for bit
+            assert torch.equal(kernels.rows_sqnorm(A, B, coef), F.pi_rows_sqnorm(A, B, coef))
+    Ag = A.clone().requires_grad_()
+    with kernels.use_backend("fused"):  # rows that need a gradient: the differentiable composite
+        (grad,) = torch.autograd.grad(kernels.rows_sqnorm(Ag, B, c), Ag)
+    assert torch.equal(grad, torch.autograd.grad(F.pi_rows_sqnorm(Ag, B, c), Ag)[0])
+    with pytest.raises(ValueError, match="rows_sqnorm: expected A"):
+        knative.rows_sqnorm(A, B[:-1].contiguous() if k > 1 else torch.randn(2, r), c)
 
 
 @needs_native

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ..functional import normalize_rows
+from ..functional import normalize_rows, pi_rows_sqnorm
 from . import native, torch_ops
 from ._base import BackendUnavailable
 from .native import NativeUnavailable
@@ -51,6 +51,7 @@ __all__ = [
     "backend",
     "compile_step",
     "pi_layer",
+    "rows_sqnorm",
     "set_backend",
     "setting",
     "unavailable_reason",
@@ -195,7 +196,7 @@ def pi_layer(
 
         if fused.serves_layer(g, A, B, c):
             # Normalisation, product and scale in one C++ call each way (the same math as below).
-            return fused.pi_layer(g, A, B, c, layernorm, chunk_size)
+            return fused.whole_layer(g, A, B, c, layernorm, chunk_size)
     s, gbar = normalize_rows(g)
     if layernorm:
         s = torch.ones_like(s)
@@ -219,6 +220,27 @@ def pi_layer(
     else:
         u = torch_ops.pi_product(gbar, A, B, c, chunk_size)
     return s * u, s, gbar
+
+
+def rows_sqnorm(A: Tensor, B: Tensor, coef: Tensor | None = None) -> Tensor:
+    """``‖Δ‖² = Σ_ij coef_i coef_j (A_i · A_j) J(B_i · B_j)`` of the π-rows ``A`` (k, r_out), ``B``
+    (k, r), ``coef`` (k,) (0-dim tensor): what :func:`pinet.functional.pi_rows_sqnorm` computes,
+    in one fused call (summed in double) on the ``"fused"`` backend for float32 CPU rows that need
+    no gradient, by that function's torch ops otherwise. The optimizer's norms and clipping read it
+    for every π-layer every step."""
+    f32 = torch.float32
+    if (
+        A.dtype == f32 and B.dtype == f32 and (coef is None or coef.dtype == f32)
+        and A.dim() == 2 and B.dim() == 2 and A.shape[0] == B.shape[0]
+        and (coef is None or tuple(coef.shape) == (A.shape[0],))
+        and A.device.type == "cpu" and B.device.type == "cpu" and (coef is None or coef.device.type == "cpu")
+        and not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or (coef is not None and coef.requires_grad)))
+        and backend("cpu") == "fused"
+    ):  # fmt: skip
+        # Checked here, so the fused library's raw-pointer entry is called without its own checks.
+        c = None if coef is None else coef.contiguous()
+        return native.rows_sqnorm_unchecked(A.contiguous(), B.contiguous(), c)
+    return pi_rows_sqnorm(A, B, coef)
 
 
 def _check_tensors(g, A, B, c) -> None:

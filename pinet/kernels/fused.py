@@ -25,7 +25,7 @@ from torch import Tensor
 from ..functional import normalize_rows
 from . import native, torch_ops
 
-__all__ = ["FusedPiLayer", "FusedPiProduct", "pi_layer", "pi_product"]
+__all__ = ["FusedPiLayer", "FusedPiProduct", "pi_product"]
 
 
 def _serves(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor) -> bool:
@@ -111,8 +111,9 @@ class FusedPiLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, A, B, c, layernorm, chunk_size):  # type: ignore[override]
+        # pi_layer has checked the arguments (_check_tensors, serves_layer) and loaded the kernels.
         A, B, c = (_rows(t) for t in (A, B, c))
-        out, u, n, gbar, acos = native.fused_layer_forward(_rows(g), A, B, c, layernorm, keep=chunk_size is None)
+        out, u, n, gbar, acos = native.layer_forward_unchecked(_rows(g), A, B, c, layernorm, chunk_size is None)
         s = torch.ones_like(n) if layernorm else n
         ctx.set_materialize_grads(False)  # s and ḡ usually get no gradient: no zero tensors for them
         ctx.layernorm, ctx.chunk_size = layernorm, chunk_size
@@ -130,7 +131,7 @@ class FusedPiLayer(torch.autograd.Function):
         if grad_out is None and grad_s is None and grad_gbar is None:
             return None, None, None, None, None, None
         grad_out, grad_s, grad_gbar = (None if t is None else _rows(t.to(torch.float32)) for t in (grad_out, grad_s, grad_gbar))
-        grad_g = native.fused_layer_backward(gbar, n, u, grad_out, grad_s, grad_gbar, A, B, c, acos, ctx.layernorm)
+        grad_g = native.layer_backward_unchecked(gbar, n, u, grad_out, grad_s, grad_gbar, A, B, c, acos, ctx.layernorm)
         return grad_g, None, None, None, None, None
 
 
@@ -149,10 +150,11 @@ def _composite_grad(g, A, B, c, layernorm, chunk_size, grad_out, grad_s, grad_gb
     return torch.zeros_like(g) if grad is None else grad
 
 
-def pi_layer(g: Tensor, A: Tensor, B: Tensor, c: Tensor, layernorm: bool, chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+def whole_layer(g: Tensor, A: Tensor, B: Tensor, c: Tensor, layernorm: bool, chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """``(out, s, ḡ)`` of :func:`pinet.kernels.pi_layer` by :class:`FusedPiLayer` (or, without
-    autograd, its forward alone), for tensors :func:`serves_layer` accepts."""
+    autograd, its forward alone). Only for arguments ``pi_layer`` has checked and
+    :func:`serves_layer` accepts: the kernels read them through raw pointers."""
     if torch.is_grad_enabled() and g.requires_grad:
         return FusedPiLayer.apply(g, A, B, c, layernorm, chunk_size)
-    out, _, n, gbar, _ = native.fused_layer_forward(_rows(g), *(_rows(t) for t in (A, B, c)), layernorm, keep=False)
+    out, _, n, gbar, _ = native.layer_forward_unchecked(_rows(g), *(_rows(t) for t in (A, B, c)), layernorm, False)
     return out, torch.ones_like(n) if layernorm else n, gbar

@@ -580,20 +580,21 @@ static void fused_layer_fwd(const float* g, const S* A, const S* B, const float*
 // product's backward at d = n ⊙ grad_out, plus grad_gbar) and σ = ⟨grad_out, u⟩ + grad_s (0 with
 // layernorm, whose s is constant): ∂L/∂g = (t − ḡ ⟨ḡ, t⟩) / n + σ ḡ; for a zero row (n = 0, see
 // fused_layer_fwd) the clamp passes no gradient to n and torch's norm backward gives 0 there, so
-// ∂L/∂g = t / FLT_MIN. grad_g (b, r) is written; gg (b, r) and d (b, ro) are scratch.
+// ∂L/∂g = t / FLT_MIN. grad_g (b, r) is written.
 template <typename S>
 static void fused_layer_bwd(const float* gbar, const float* norm, const float* u,
                             const float* grad_out, const float* grad_s, const float* grad_gbar, const S* A,
                             const S* B, const float* c, const float* acos_in, int64_t M, int64_t b, int64_t r,
-                            int64_t ro, float inv2pi, int layernorm, float* grad_g, float* gg, float* d,
-                            int nthreads) {
+                            int64_t ro, float inv2pi, int layernorm, float* grad_g, int nthreads) {
+  std::vector<float> gg_(b * r), d(b * ro);
+  float* gg = gg_.data();
   for (int64_t q = 0; q < b * r; ++q) gg[q] = grad_gbar ? grad_gbar[q] : 0.f;
   if (grad_out && M) {
     for (int64_t k = 0; k < b; ++k) {
       const float sk = layernorm ? 1.f : norm[k];
       for (int64_t j = 0; j < ro; ++j) d[k * ro + j] = sk * grad_out[k * ro + j];
     }
-    fused_bwd_g<S>(gbar, d, A, B, c, acos_in, M, b, r, ro, inv2pi, gg, nthreads);
+    fused_bwd_g<S>(gbar, d.data(), A, B, c, acos_in, M, b, r, ro, inv2pi, gg, nthreads);
   }
   for (int64_t k = 0; k < b; ++k) {
     double sigma = 0.0;
@@ -615,6 +616,34 @@ static void fused_layer_bwd(const float* gbar, const float* norm, const float* u
       for (int64_t j = 0; j < r; ++j) o[j] = t[j] / FLT_MIN;
     }
   }
+}
+
+// ‖Δ‖² of k π-rows (the optimizer's norm of a π-update): Σ_ij c_i c_j (A_i · A_j) J(B_i · B_j) for
+// float32 A (k, ro), B (k, r) and c (k, null: ones), in double. One call instead of the ten
+// small torch ops of pinet.functional.pi_rows_sqnorm (150 µs cold for k = 8, r = 400).
+static inline double dot_f64(const float* x, const float* y, int64_t n) {
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent sums: vectorisable, no serial chain
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8)
+    for (int l = 0; l < 8; ++l) s[l] += (double)x[t + l] * y[t + l];
+  for (; t < n; ++t) s[0] += (double)x[t] * y[t];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+extern "C" double pinet_rows_sqnorm(const float* A, const float* B, const float* c, int64_t k, int64_t r,
+                                    int64_t ro) {
+  const double pi = 3.141592653589793;
+  double total = 0.0;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      double q = dot_f64(B + i * r, B + j * r, r);
+      q = q > 1.0 ? 1.0 : (q < -1.0 ? -1.0 : q);  // unit rows: rounding can leave |q| > 1
+      const double J = (std::sqrt(1.0 - q * q) + (pi - std::acos(q)) * q) / (2.0 * pi);
+      double w = dot_f64(A + i * ro, A + j * ro, ro) * J;
+      if (c) w *= (double)c[i] * c[j];
+      total += i == j ? w : 2.0 * w;
+    }
+  return total;
 }
 """
 
@@ -638,9 +667,9 @@ extern "C" void pinet_fused_layer_fwd{sfx}(const float* g, const void* A, const 
 extern "C" void pinet_fused_layer_bwd{sfx}(const float* gbar, const float* norm, const float* u,
     const float* grad_out, const float* grad_s, const float* grad_gbar, const void* A, const void* B, const float* c,
     const float* acos_in, int64_t M, int64_t b, int64_t r, int64_t ro, float inv2pi, int layernorm, float* grad_g,
-    float* gg, float* d, int nthreads) {{
+    int nthreads) {{
   fused_layer_bwd(gbar, norm, u, grad_out, grad_s, grad_gbar, (const {S}*)A, (const {S}*)B, c, acos_in, M, b, r,
-                  ro, inv2pi, layernorm, grad_g, gg, d, nthreads);
+                  ro, inv2pi, layernorm, grad_g, nthreads);
 }}
 """
 _STORAGE = {torch.float32: ("", "float"), torch.bfloat16: ("_bf16", "bf16_t"), torch.float16: ("_f16", "f16_t")}
@@ -791,8 +820,10 @@ def _load_isa(isa: str) -> ctypes.CDLL:
                 P, P, P, P, I, I, I, I, F, ctypes.c_int, P, P, P, P, P, ctypes.c_int]
             getattr(lib, "pinet_fused_layer_fwd" + sfx).restype = None
             getattr(lib, "pinet_fused_layer_bwd" + sfx).argtypes = [
-                P, P, P, P, P, P, P, P, P, P, I, I, I, I, F, ctypes.c_int, P, P, P, ctypes.c_int]
+                P, P, P, P, P, P, P, P, P, P, I, I, I, I, F, ctypes.c_int, P, ctypes.c_int]
             getattr(lib, "pinet_fused_layer_bwd" + sfx).restype = None
+        lib.pinet_rows_sqnorm.argtypes = [P, P, P, I, I, I]
+        lib.pinet_rows_sqnorm.restype = ctypes.c_double
         _fused_libs[isa] = lib
     return _fused_libs[isa]
 
@@ -905,12 +936,20 @@ def fused_layer_forward(
     ḡ = g / max(n, tiny) (b, r), u = (J(ḡ Bᵀ) ⊙ c) A (b, r_out), out = n ⊙ u (u with
     ``layernorm``) and ``arccos(-q)`` (M, b) if ``keep``. Tensors as in :func:`fused_forward`,
     ``g`` (b, r) in place of ḡ."""
-    lib = load_fused()
-    M, b, r, ro, sfx = _fused_args("pinet.kernels.native.fused_layer_forward", g, A, B, c)
+    load_fused()
+    _fused_args("pinet.kernels.native.fused_layer_forward", g, A, B, c)
+    return layer_forward_unchecked(g, A, B, c, layernorm, keep)
+
+
+def layer_forward_unchecked(g, A, B, c, layernorm: bool, keep: bool):
+    """:func:`fused_layer_forward` without its argument checks, for a caller that has made them
+    (:class:`pinet.kernels.fused.FusedPiLayer`, behind ``pi_layer``'s checks) and loaded the
+    kernels: the checks run cold after a kernel has streamed the state, about 50 µs a call."""
+    (b, r), (M, ro) = g.shape, A.shape
     out, u, n, gbar = torch.empty(b, ro), torch.empty(b, ro), torch.empty(b, 1), torch.empty(b, r)
     acos = torch.empty(M, b) if keep else None
     if b:
-        getattr(lib, "pinet_fused_layer_fwd" + sfx)(
+        getattr(_fused_libs[_fused_isa], "pinet_fused_layer_fwd" + _STORAGE[A.dtype][0])(
             g.data_ptr(), A.data_ptr(), B.data_ptr(), c.data_ptr(), M, b, r, ro, _INV_TWO_PI, int(layernorm),
             out.data_ptr(), u.data_ptr(), n.data_ptr(), gbar.data_ptr(),
             None if acos is None else acos.data_ptr(), torch.get_num_threads(),
@@ -925,23 +964,53 @@ def fused_layer_backward(
     """``∂L/∂g`` (b, r) of :func:`fused_layer_forward`'s ``(out, s, ḡ)`` given their gradients
     ``grad_out`` (b, r_out), ``grad_s`` (b, 1) and ``grad_gbar`` (b, r), each contiguous float32
     or ``None`` (zero); ``acos`` from the forward or ``None`` (the cosines are recomputed)."""
-    lib = load_fused()
+    load_fused()
     where = "pinet.kernels.native.fused_layer_backward"
-    M, b, r, ro, sfx = _fused_args(where, gbar, A, B, c)
-    shapes = {"n": (b, 1), "u": (b, ro), "grad_out": (b, ro), "grad_s": (b, 1), "grad_gbar": (b, r),
-              "acos": (M, b)}  # fmt: skip
+    M, b, r, ro, _ = _fused_args(where, gbar, A, B, c)
+    shapes = {"n": (b, 1), "u": (b, ro), "grad_out": (b, ro), "grad_s": (b, 1), "grad_gbar": (b, r), "acos": (M, b)}
     given = {"n": n, "u": u, "grad_out": grad_out, "grad_s": grad_s, "grad_gbar": grad_gbar, "acos": acos}
     for name, t in given.items():
         if t is not None:
             _check(where, name, t)
             if tuple(t.shape) != shapes[name]:
                 raise ValueError(f"{where}: {name} must have shape {shapes[name]}, got {tuple(t.shape)}")
-    grad_g, scratch_g, scratch_d = torch.empty(b, r), torch.empty(b, r), torch.empty(b, ro)
+    return layer_backward_unchecked(gbar, n, u, grad_out, grad_s, grad_gbar, A, B, c, acos, layernorm)
+
+
+def layer_backward_unchecked(gbar, n, u, grad_out, grad_s, grad_gbar, A, B, c, acos, layernorm: bool) -> Tensor:
+    """:func:`fused_layer_backward` without its argument checks (see :func:`layer_forward_unchecked`)."""
+    (b, r), (M, ro) = gbar.shape, A.shape
+    grad_g = torch.empty(b, r)
     if b:
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        getattr(lib, "pinet_fused_layer_bwd" + sfx)(
+        getattr(_fused_libs[_fused_isa], "pinet_fused_layer_bwd" + _STORAGE[A.dtype][0])(
             gbar.data_ptr(), n.data_ptr(), u.data_ptr(), ptr(grad_out), ptr(grad_s), ptr(grad_gbar),
             A.data_ptr(), B.data_ptr(), c.data_ptr(), ptr(acos), M, b, r, ro, _INV_TWO_PI, int(layernorm),
-            grad_g.data_ptr(), scratch_g.data_ptr(), scratch_d.data_ptr(), torch.get_num_threads(),
+            grad_g.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return grad_g
+
+
+def rows_sqnorm(A: Tensor, B: Tensor, coef: Tensor | None) -> Tensor:
+    """``Σ_ij coef_i coef_j (A_i · A_j) J(B_i · B_j)`` (:func:`pinet.functional.pi_rows_sqnorm`) by
+    the fused library, summed in double: contiguous 2-d float32 CPU ``A`` (k, r_out) and ``B``
+    (k, r), ``coef`` (k,) float32 or ``None``; returns a float32 0-dim tensor."""
+    load_fused()
+    where = "pinet.kernels.native.rows_sqnorm"
+    _check(where, "A", A)
+    _check(where, "B", B)
+    k = A.shape[0]
+    if B.shape[0] != k or (coef is not None and (coef.dtype != torch.float32 or coef.device.type != "cpu"
+                                                 or tuple(coef.shape) != (k,) or not coef.is_contiguous())):
+        raise ValueError(f"{where}: expected A (k, r_out), B (k, r) and coef (k,) float32 CPU with one k, got "
+                         f"{tuple(A.shape)}, {tuple(B.shape)}, {None if coef is None else tuple(coef.shape)}")
+    return rows_sqnorm_unchecked(A, B, coef)
+
+
+def rows_sqnorm_unchecked(A: Tensor, B: Tensor, coef: Tensor | None) -> Tensor:
+    """:func:`rows_sqnorm` without its argument checks, for :func:`pinet.kernels.rows_sqnorm`,
+    which has made them (they run cold in the optimizer's step, about half of the call's time)."""
+    val = _fused_libs[_fused_isa].pinet_rows_sqnorm(
+        A.data_ptr(), B.data_ptr(), None if coef is None else coef.data_ptr(), A.shape[0], B.shape[1], A.shape[1]
+    )
+    return torch.tensor(val, dtype=torch.float32)
