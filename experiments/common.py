@@ -1083,7 +1083,8 @@ def cli(
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         with contextlib.ExitStack() as scope:
-            if _init_distributed(args, device):
+            grouped = _init_distributed(args, device)
+            if grouped:
                 scope.callback(_leave_group)
             try:  # the setting is restored on return: cli() also runs inside other programs and tests
                 scope.enter_context(pinet.native.use(args.native))
@@ -1091,8 +1092,19 @@ def cli(
                 raise CLIError(f"--native: {e}") from None
             data = make_data(args)
             if args.test:
-                return run_test(args, data, device)
-            return fit(args, data, device=device, checkpoint=checkpoint, progress=progress(args))
+                result = run_test(args, data, device)
+            else:
+                result = fit(args, data, device=device, checkpoint=checkpoint, progress=progress(args))
+            if grouped:
+                # A finished run leaves the group together: rank 0 is still writing its files when
+                # the others are done, and a gloo peer torn down mid-connection can abort a process.
+                import torch.distributed as dist
+
+                try:
+                    dist.barrier()
+                except RuntimeError as e:  # a peer died or hung after its last step
+                    raise pinet.distributed.ShardError(f"the other processes did not finish the run: {_one_line(e)}") from None
+            return result
     except CLIError as e:
         print(f"{_who()}{parser.prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

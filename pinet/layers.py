@@ -265,7 +265,7 @@ class InfPiInput(_Multipliers, InfPiModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """(b, d_in) -> (b, r)."""
-        return self.alpha * self._add_bias(_real(x, "InfPiInput").to(self.A.dtype) @ self.A)
+        return self.alpha * self._add_bias(kernels.thin_matmul(_real(x, "InfPiInput").to(self.A.dtype), self.A))
 
     @torch.no_grad()
     def finite(self, omega_in: Tensor | None, omega_out: Tensor | None, *, dtype: torch.dtype) -> "FinPiInput":

@@ -657,6 +657,74 @@ def test_fused_rows_sqnorm_matches_float64(k, r, r_out):
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("b,d,r", [(8, 3072, 400), (1, 5, 3), (3, 37, 70), (13, 100, 129), (32, 64, 17)])
+def test_fused_thin_matmul_and_its_gradients_match_float64(b, d, r, threads, isa):
+    # The finite input layer's x @ W and xᵀ δ in the fused library: 64- and 16-column tiles and
+    # their tails, 64-row blocks of W across the thread split, b = 1 to THIN_ROWS.
+    from pinet.kernels import fused
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(b * d + r)
+        x, W, d_out = (torch.randn(*shape, generator=gen) for shape in ((b, d), (d, r), (b, r)))
+        xr, Wr = x.clone().requires_grad_(), W.clone().requires_grad_()
+        out = kernels.thin_matmul(xr, Wr)
+        assert type(out.grad_fn) is fused.FusedThinMatmul._backward_cls
+        gx, gW = torch.autograd.grad(out, (xr, Wr), d_out)
+        x64, W64, d64 = x.double(), W.double(), d_out.double()
+        # float32 rounding (observed ≤ 3e-7 of the largest entry); a wrong tile or tail is O(1) off.
+        for got, want in ((out.detach(), x64 @ W64), (gx, d64 @ W64.T), (gW, x64.T @ d64)):
+            assert got.dtype == torch.float32 and _rel(got, want) < 2e-6, _rel(got, want)
+        with torch.no_grad():  # the forward alone
+            assert torch.equal(kernels.thin_matmul(x, W), out.detach())
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_thin_matmul_uses_torch_outside_its_domain_and_double_backward_is_exact():
+    from pinet.kernels import fused
+
+    gen = torch.Generator().manual_seed(3)
+    x, W = torch.randn(4, 20, generator=gen), torch.randn(20, 6, generator=gen)
+    wide = torch.randn(kernels.THIN_ROWS + 1, 20, generator=gen)
+    with kernels.use_backend("fused"):
+        assert torch.equal(kernels.thin_matmul(x.double(), W.double()), x.double() @ W.double())
+        assert torch.equal(kernels.thin_matmul(wide, W), wide @ W)  # more rows than a thin product
+        Wt = torch.randn(6, 20, generator=gen).T  # a non-contiguous weight would be copied: torch's @
+        assert torch.equal(kernels.thin_matmul(x, Wt), x @ Wt)
+        xr = x.clone().requires_grad_()
+        out = kernels.thin_matmul(xr, W)
+        assert type(out.grad_fn) is fused.FusedThinMatmul._backward_cls
+        (g,) = torch.autograd.grad((out**2).sum(), xr, create_graph=True)
+        (h,) = torch.autograd.grad((g**3).sum(), xr)
+    xt = x.clone().requires_grad_()
+    (gt,) = torch.autograd.grad(((xt @ W) ** 2).sum(), xt, create_graph=True)
+    (ht,) = torch.autograd.grad((gt**3).sum(), xt)
+    assert _rel(g.detach(), gt.detach().double()) < 1e-5 and _rel(h, ht.double()) < 1e-5
+    with kernels.use_backend("torch"):
+        assert torch.equal(kernels.thin_matmul(x, W), x @ W)
+    def graph_nodes(t):  # every autograd node behind t
+        seen, todo = [], [t.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is not None and fn not in seen:
+                seen.append(fn)
+                todo += [f for f, _ in fn.next_functions]
+        return seen
+
+    net = pinet.InfPiMLP(20, 3, r=6, depth=1)
+    with kernels.use_backend("fused"):  # the input layer of an infinite net goes through it
+        assert any(type(fn) is fused.FusedThinMatmul._backward_cls for fn in graph_nodes(net.layers[0](x)))
+    with pytest.raises(ValueError, match="thin_xw: xT \\(d, b\\) and W \\(d, r\\) must have one d"):
+        knative.thin_xw(x.T.contiguous(), torch.randn(21, 6))
+    with pytest.raises(ValueError, match="thin_outer: xT \\(d, b\\) and g \\(b, r\\) must have one b"):
+        knative.thin_outer(x.T.contiguous(), torch.randn(5, 6))
+
+
+@needs_native
 def test_fused_layer_backward_names_a_wrong_shape():
     A, B, c = torch.randn(10, 4), TF.normalize(torch.randn(10, 6), dim=1), torch.randn(10)
     out, u, n, gbar, acos = knative.fused_layer_forward(torch.randn(3, 6), A, B, c, False, True)

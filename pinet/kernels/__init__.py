@@ -52,6 +52,8 @@ __all__ = [
     "compile_step",
     "pi_layer",
     "rows_sqnorm",
+    "thin_matmul",
+    "THIN_ROWS",
     "set_backend",
     "setting",
     "unavailable_reason",
@@ -220,6 +222,28 @@ def pi_layer(
     else:
         u = torch_ops.pi_product(gbar, A, B, c, chunk_size)
     return s * u, s, gbar
+
+
+#: Most rows of ``x`` for which :func:`thin_matmul` uses the fused library (training batches).
+THIN_ROWS = 32
+
+
+def thin_matmul(x: Tensor, W: Tensor) -> Tensor:
+    """``x @ W`` for a batch ``x`` (b, d) and a weight ``W`` (d, r) -> (b, r), differentiable: what
+    the finite input layer of a π-net computes. On the ``"fused"`` backend, for float32 CPU
+    tensors, a contiguous ``W`` and ``b ≤`` :data:`THIN_ROWS`, the product and its weight gradient
+    ``xᵀ δ`` run in the fused library (at 3072 × 400, 0.26 and 0.39 ms against MKL's 0.61 and 0.68
+    after a 64 MB read); otherwise torch's ``@``. Results agree to float32 rounding."""
+    if (
+        x.dtype == torch.float32 and W.dtype == torch.float32 and x.dim() == 2 and W.dim() == 2
+        and 0 < x.shape[0] <= THIN_ROWS and x.shape[1] == W.shape[0] and W.is_contiguous()
+        and x.device.type == "cpu" and W.device.type == "cpu"
+        and not torch.compiler.is_compiling() and backend("cpu") == "fused"
+    ):  # fmt: skip
+        from . import fused
+
+        return fused.thin_matmul(x, W)
+    return x @ W
 
 
 def rows_sqnorm(A: Tensor, B: Tensor, coef: Tensor | None = None) -> Tensor:

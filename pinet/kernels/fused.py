@@ -25,7 +25,7 @@ from torch import Tensor
 from ..functional import normalize_rows
 from . import native, torch_ops
 
-__all__ = ["FusedPiLayer", "FusedPiProduct", "pi_product"]
+__all__ = ["FusedPiLayer", "FusedPiProduct", "FusedThinMatmul", "pi_product"]
 
 
 def _serves(gbar: Tensor, A: Tensor, B: Tensor, c: Tensor) -> bool:
@@ -158,3 +158,32 @@ def whole_layer(g: Tensor, A: Tensor, B: Tensor, c: Tensor, layernorm: bool, chu
         return FusedPiLayer.apply(g, A, B, c, layernorm, chunk_size)
     out, _, n, gbar, _ = native.layer_forward_unchecked(_rows(g), *(_rows(t) for t in (A, B, c)), layernorm, False)
     return out, torch.ones_like(n) if layernorm else n, gbar
+
+
+class FusedThinMatmul(torch.autograd.Function):
+    """``apply(x (b, d), W (d, r)) -> x W (b, r)`` for a few rows ``b`` of float32 CPU data and a
+    contiguous weight: the finite input layer's product by the fused library's row reduce, and
+    its weight gradient ``xᵀ δ`` written once, row by row (:func:`pinet.kernels.thin_matmul`)."""
+
+    @staticmethod
+    def forward(ctx, x, W):  # type: ignore[override]
+        xT = x.T.contiguous()  # (d, b): the reduce's weights, row by row of W
+        ctx.save_for_backward(x, W, xT)
+        return native.thin_xw_unchecked(xT, W)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, W, xT = ctx.saved_tensors
+        need_x, need_W = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiable torch products
+            return (grad @ W.T if need_x else None), (x.T @ grad if need_W else None)
+        grad_W = native.thin_outer_unchecked(xT, _rows(grad.to(torch.float32))) if need_W else None
+        return (grad @ W.T if need_x else None), grad_W
+
+
+def thin_matmul(x: Tensor, W: Tensor) -> Tensor:
+    """``x W`` by :class:`FusedThinMatmul` (or, without autograd, its forward alone), for the
+    arguments :func:`pinet.kernels.thin_matmul` has checked."""
+    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad):
+        return FusedThinMatmul.apply(x, W)
+    return native.thin_xw_unchecked(x.T.contiguous(), W)
