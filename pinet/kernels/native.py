@@ -1087,41 +1087,43 @@ def rows_sqnorm_unchecked(A: Tensor, B: Tensor, coef: Tensor | None) -> Tensor:
     return torch.tensor(val, dtype=torch.float32)
 
 
+def _thin_args(where: str, xT: Tensor, Y: Tensor, y_name: str, xT_axis: int) -> None:
+    # xT (d, b) against W (d, r) (xT_axis 0) or g (b, r) (xT_axis 1): one shared size.
+    load_fused()
+    _check(where, "xT", xT)
+    _check(where, y_name, Y)
+    if xT.shape[xT_axis] != Y.shape[0]:
+        dim, shape = ("d", "(d, r)") if xT_axis == 0 else ("b", "(b, r)")
+        raise ValueError(f"{where}: xT (d, b) and {y_name} {shape} must have one {dim}, got {tuple(xT.shape)} "
+                         f"and {tuple(Y.shape)}")  # fmt: skip
+
+
+def _thin_run(entry: str, xT: Tensor, Y: Tensor, rows: int) -> Tensor:
+    out = torch.empty(rows, Y.shape[1])
+    (d, b), r = xT.shape, Y.shape[1]
+    getattr(_fused_libs[_fused_isa], entry)(xT.data_ptr(), Y.data_ptr(), b, d, r, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
 def thin_xw(xT: Tensor, W: Tensor) -> Tensor:
     """``x W`` (b, r) from ``xT = xᵀ`` (d, b) and ``W`` (d, r), contiguous float32 CPU, by the
     fused library's row reduce (the finite input layer's forward; b small)."""
-    load_fused()
-    where = "pinet.kernels.native.thin_xw"
-    _check(where, "xT", xT)
-    _check(where, "W", W)
-    if xT.shape[0] != W.shape[0]:
-        raise ValueError(f"{where}: xT (d, b) and W (d, r) must have one d, got {tuple(xT.shape)} and {tuple(W.shape)}")
+    _thin_args("pinet.kernels.native.thin_xw", xT, W, "W", 0)
     return thin_xw_unchecked(xT, W)
 
 
 def thin_xw_unchecked(xT: Tensor, W: Tensor) -> Tensor:
     """:func:`thin_xw` without its checks, for :func:`pinet.kernels.thin_matmul`, which makes them."""
-    (d, b), r = xT.shape, W.shape[1]
-    out = torch.empty(b, r)
-    _fused_libs[_fused_isa].pinet_thin_xw(xT.data_ptr(), W.data_ptr(), b, d, r, out.data_ptr(), torch.get_num_threads())
-    return out
+    return _thin_run("pinet_thin_xw", xT, W, xT.shape[1])
 
 
 def thin_outer(xT: Tensor, g: Tensor) -> Tensor:
     """``xᵀ g`` (d, r) from ``xT = xᵀ`` (d, b) and ``g`` (b, r), contiguous float32 CPU: the finite
     input layer's weight gradient, written once, row by row."""
-    load_fused()
-    where = "pinet.kernels.native.thin_outer"
-    _check(where, "xT", xT)
-    _check(where, "g", g)
-    if xT.shape[1] != g.shape[0]:
-        raise ValueError(f"{where}: xT (d, b) and g (b, r) must have one b, got {tuple(xT.shape)} and {tuple(g.shape)}")
+    _thin_args("pinet.kernels.native.thin_outer", xT, g, "g", 1)
     return thin_outer_unchecked(xT, g)
 
 
 def thin_outer_unchecked(xT: Tensor, g: Tensor) -> Tensor:
     """:func:`thin_outer` without its checks (see :func:`thin_xw_unchecked`)."""
-    (d, b), r = xT.shape, g.shape[1]
-    out = torch.empty(d, r)
-    _fused_libs[_fused_isa].pinet_thin_outer(xT.data_ptr(), g.data_ptr(), b, d, r, out.data_ptr(), torch.get_num_threads())
-    return out
+    return _thin_run("pinet_thin_outer", xT, g, xT.shape[0])
