@@ -104,7 +104,10 @@ static inline void dot_tile(const S* X, int64_t K, const float* W, float* Y, int
     if ((k * (int64_t)sizeof(S)) % 64 == 0)
       for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (R + r) * K + k), _MM_HINT_T0);
     for (int c = 0; c < C; ++c) {
-      const __m256 w = _mm256_loadu_ps(W + c * K + k);
+      __m256 w = _mm256_loadu_ps(W + c * K + k);
+      // Keep w in a register: GCC otherwise folds the load into each of the R FMAs, so the tile
+      // loads W R times (in cache on Zen 4: 75 GFLOP/s, 90 with the load pinned).
+      __asm__("" : "+x"(w));
       for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
     }
   }
@@ -112,7 +115,8 @@ static inline void dot_tile(const S* X, int64_t K, const float* W, float* Y, int
     __m256 x[R];
     for (int r = 0; r < R; ++r) x[r] = ld8(X + r * K + k, K - k);
     for (int c = 0; c < C; ++c) {
-      const __m256 w = _mm256_maskload_ps(W + c * K + k, tail_mask(K - k));
+      __m256 w = _mm256_maskload_ps(W + c * K + k, tail_mask(K - k));
+      __asm__("" : "+x"(w));
       for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(x[r], w, acc[r][c]);
     }
   }
@@ -326,7 +330,9 @@ static void reduce_block(const float* V, int64_t b, const S* X, int64_t K, int64
 # zero-padded copy of W, the 8 horizontal sums of a row done together (hsum8x16); reduce by 8
 # batch columns × 3 vectors (24 accumulators), so each row of X is loaded once per 8 columns.
 # On one Zen 4 core with the block in cache: dot 78 and reduce 106 GFLOP/s, against 60 and 39 for
-# the AVX2 blocks (peak 115).
+# the AVX2 blocks (peak 115). Re-measured after both dots' W loads were pinned to registers
+# (one block of 64-512 rows, r = 400, b = 8, called in a loop): AVX-512 dot 80 -> 100,
+# reduce 107-114; AVX2 dot 75 -> 90 GFLOP/s.
 _AVX512_BLOCKS = r"""
 static inline __mmask16 kmask(int64_t rem) { return rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1u); }
 
@@ -365,31 +371,38 @@ struct Wprep {  // W (n, K) zero-padded to (ceil(n / 8) * 8, Kp), Kp = K rounded
   }
 };
 
-// Y (R rows, nc ≤ 8 columns) = X (R, K) Wpᵀ for 8 rows of the padded W.
-template <int R, typename S>
+// Y (R rows, nc ≤ 8 columns) = X (R, K) Wpᵀ for 8 rows of the padded W. TAIL (K not a multiple
+// of 16) and FAR are template arguments: with a runtime tail branch GCC kept the accumulators on
+// the stack across it (32 extra loads and stores per tile) and tested `far` every 16 columns.
+template <int R, bool TAIL, bool FAR, typename S>
 static inline void dot16_tile(const S* X, int64_t K, const float* Wp, int64_t Kp, float* Y, int64_t ldy,
-                              int64_t nc, bool far) {
+                              int64_t nc) {
   __m512 acc[R][8];
   for (int r = 0; r < R; ++r) for (int c = 0; c < 8; ++c) acc[r][c] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 x[R];
     for (int r = 0; r < R; ++r) x[r] = ld16(X + r * K + k);
-    // The next tile's rows into L1 and, with far, the rows 24 ahead into L2 (one line per 16
+    // The next tile's rows into L1 and, with FAR, the rows 24 ahead into L2 (one line per 16
     // floats); past the last row these name addresses outside X, which a prefetch may (it never faults).
     for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (R + r) * K + k), _MM_HINT_T0);
-    if (far) for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (24 + r) * K + k), _MM_HINT_T1);
+    if (FAR) for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(X + (24 + r) * K + k), _MM_HINT_T1);
     for (int c = 0; c < 8; ++c) {
-      const __m512 w = _mm512_loadu_ps(Wp + c * Kp + k);
+      __m512 w = _mm512_loadu_ps(Wp + c * Kp + k);
+      // Keep w in a register: GCC otherwise folds the load into each of the R FMAs, and the
+      // tile then issues 8 R loads of W per 16 columns instead of 8 (load-bound: in cache on
+      // Zen 4 the dot ran at 80 GFLOP/s, and 100 with the load pinned).
+      __asm__("" : "+v"(w));
       for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(x[r], w, acc[r][c]);
     }
   }
-  if (k < K) {
+  if (TAIL && k < K) {
     const __mmask16 m = kmask(K - k);
     __m512 x[R];
     for (int r = 0; r < R; ++r) x[r] = ld16(m, X + r * K + k);
     for (int c = 0; c < 8; ++c) {
-      const __m512 w = _mm512_loadu_ps(Wp + c * Kp + k);
+      __m512 w = _mm512_loadu_ps(Wp + c * Kp + k);
+      __asm__("" : "+v"(w));
       for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(x[r], w, acc[r][c]);
     }
   }
@@ -397,20 +410,30 @@ static inline void dot16_tile(const S* X, int64_t K, const float* Wp, int64_t Kp
   for (int r = 0; r < R; ++r) _mm256_mask_storeu_ps(Y + r * ldy, om, hsum8x16(acc[r]));
 }
 
+template <bool TAIL, bool FAR, typename S>
+static void dot_rows16(const S* X, int64_t rows, int64_t K, const float* Wp, int64_t n, int64_t Kp, float* Y,
+                       const S* PF, int64_t pfk) {
+  int64_t i = 0;
+  for (; i + 2 <= rows; i += 2) {
+    if (PF) pf_rows(PF + i * pfk, 2 * pfk);
+    for (int64_t c = 0; c < n; c += 8) dot16_tile<2, TAIL, FAR>(X + i * K, K, Wp + c * Kp, Kp, Y + i * n + c, n, n - c);
+  }
+  if (i < rows) {
+    if (PF) pf_rows(PF + i * pfk, pfk);
+    for (int64_t c = 0; c < n; c += 8) dot16_tile<1, TAIL, FAR>(X + i * K, K, Wp + c * Kp, Kp, Y + i * n + c, n, n - c);
+  }
+}
+
 template <typename S>
 static void dot_block(const S* X, int64_t rows, int64_t K, const Wprep& W, float* Y,
                       const S* PF, int64_t pfk, bool far) {
   const int64_t n = W.n, Kp = W.Kp;
   const float* Wp = W.w.data();
-  int64_t i = 0;
-  for (; i + 2 <= rows; i += 2) {
-    if (PF) pf_rows(PF + i * pfk, 2 * pfk);
-    for (int64_t c = 0; c < n; c += 8) dot16_tile<2>(X + i * K, K, Wp + c * Kp, Kp, Y + i * n + c, n, n - c, far);
-  }
-  if (i < rows) {
-    if (PF) pf_rows(PF + i * pfk, pfk);
-    for (int64_t c = 0; c < n; c += 8) dot16_tile<1>(X + i * K, K, Wp + c * Kp, Kp, Y + i * n + c, n, n - c, far);
-  }
+  const bool tail = K % 16 != 0;
+  if (tail && far) dot_rows16<true, true>(X, rows, K, Wp, n, Kp, Y, PF, pfk);
+  else if (tail) dot_rows16<true, false>(X, rows, K, Wp, n, Kp, Y, PF, pfk);
+  else if (far) dot_rows16<false, true>(X, rows, K, Wp, n, Kp, Y, PF, pfk);
+  else dot_rows16<false, false>(X, rows, K, Wp, n, Kp, Y, PF, pfk);
 }
 
 template <int KB, int NV, bool TAIL, typename S>
