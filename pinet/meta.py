@@ -33,6 +33,7 @@ finite nets are exact in every case). See docs/meta.md.
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -160,6 +161,32 @@ def adapted_forward(model: nn.Module, x: Tensor, params: dict[str, Tensor] | Non
         return functional_call(model, params or {}, (x,), strict=False)
 
 
+class _GradSnapshot:
+    """Every parameter's ``.grad`` and every π-state's captured rows, to put back after a failed
+    meta-gradient. Gradients that exist are copied (backward adds into them in place); a
+    coefficient gradient is only referenced: its identity and version are what keep the captured
+    rows valid, and row capture never writes into an existing one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.states = [(st, list(st.pending), st._pending_token, st.c.grad) for st in model.modules() if isinstance(st, PiState)]
+        coefs = {id(st.c) for st, *_ in self.states}
+        self.grads = [
+            (p, p.grad, None if p.grad is None else p.grad.detach().clone())
+            for p in model.parameters() if id(p) not in coefs
+        ]  # fmt: skip
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, ref, copy in self.grads:
+            if ref is not None:
+                ref.copy_(copy)
+            p.grad = ref
+        for st, pending, token, grad in self.states:
+            st.c.grad = grad
+            st.pending[:] = pending
+            st._pending_token = token
+
+
 def task_accuracy(logits: Tensor, y: Tensor) -> float:
     """Fraction of rows of ``logits`` (b, k) whose argmax is ``y`` (b,)."""
     return float((logits.argmax(dim=1) == y).double().mean())
@@ -200,7 +227,7 @@ class MAML:
         ):  # fmt: skip
             # A negative inner step ascends the support loss: a sign slip, not a setting.
             raise ValueError(f"MAML: step_size must be a finite number >= 0, got {step_size!r}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
             raise ValueError(f"MAML: num_steps must be an int >= 1, got {num_steps!r}")
         if adapt not in ADAPT:
             raise ValueError(f"MAML: adapt must be one of {ADAPT}, got {adapt!r}")
@@ -211,7 +238,7 @@ class MAML:
             raise TypeError(f"MAML: loss_fn must be a callable (logits, y) -> loss or None, got {type(loss_fn).__name__}")
         self.model = model
         self.step_size = float(step_size)
-        self.num_steps = num_steps
+        self.num_steps = int(num_steps)  # numpy integers pass the check
         self.adapt_set = adapt
         self.first_order = first_order
         self.project_inner = project_inner
@@ -331,30 +358,71 @@ class MAML:
         """Accumulate the meta-gradient of the mean query loss over ``tasks`` (a list of
         :data:`Task`) into ``.grad`` and the π-states' captured rows, one task at a time (each
         task's graph and adapted rows are freed after its backward). ``scale`` multiplies each
-        task's loss (default ``1 / len(tasks)``: the mean, as the reference). Returns the mean
-        outer loss and query accuracy after adaptation."""
-        tasks = list(tasks)
-        if not tasks:
-            raise ValueError("MAML.meta_backward: tasks is empty")
+        task's loss (default ``1 / len(tasks)``: the mean, as the reference; a finite number
+        >= 0). Returns the mean outer loss and query accuracy after adaptation.
+
+        All or nothing: if a task fails (a loss that raises, mismatched shapes) every ``.grad`` and
+        every π-state's captured rows are as before the call, so a following ``step()`` cannot
+        apply the meta-gradient of only the tasks before it."""
+        tasks = self._check_tasks("MAML.meta_backward", tasks)
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0
+        ):  # fmt: skip
+            # A negative scale ascends the query loss; NaN would only fail at the next step().
+            raise ValueError(f"MAML.meta_backward: scale must be a finite number >= 0 or None, got {scale!r}")
         scale = 1.0 / len(tasks) if scale is None else float(scale)
+        saved = _GradSnapshot(self.model)
         total, acc = 0.0, 0.0
-        for xs, ys, xq, yq in tasks:
-            adapted = self.adapt(xs, ys)
-            out = self.forward(adapted, xq)
-            loss = self.loss_fn(out, yq)
-            (loss * scale).backward()
-            total += float(loss.detach())
-            acc += task_accuracy(out.detach(), yq)
-            del adapted, out, loss
+        try:
+            for xs, ys, xq, yq in tasks:
+                adapted = self.adapt(xs, ys)
+                out = self.forward(adapted, xq)
+                loss = self.loss_fn(out, yq)
+                (loss * scale).backward()
+                total += float(loss.detach())
+                acc += task_accuracy(out.detach(), yq)
+                del adapted, out, loss
+        except BaseException:
+            saved.restore()
+            raise
         return {"outer_loss": total / len(tasks), "accuracy": acc / len(tasks)}
 
     def meta_step(self, tasks, optimizer) -> dict:
         """One meta-update: ``optimizer.zero_grad()``, :meth:`meta_backward`, ``optimizer.step()``
-        (a :class:`pinet.optim.PiOptimizerWrapper`, or any torch optimizer for a finite net)."""
-        optimizer.zero_grad()
-        stats = self.meta_backward(tasks)
-        optimizer.step()
+        (a :class:`pinet.optim.PiOptimizerWrapper`, or any torch optimizer for a finite net). If
+        the meta-gradient or the step fails, the gradients and captured rows are put back as they
+        were before ``zero_grad()`` (the wrapper's step itself is all or nothing)."""
+        tasks = self._check_tasks("MAML.meta_step", tasks)
+        saved = _GradSnapshot(self.model)
+        try:
+            optimizer.zero_grad()
+            stats = self.meta_backward(tasks)
+            optimizer.step()
+        except BaseException:
+            saved.restore()
+            raise
         return stats
+
+    @staticmethod
+    def _check_tasks(where: str, tasks) -> list:
+        # Before any backward: a mismatch found at the third task would otherwise surface as
+        # torch's "Expected input batch_size (5) to match target batch_size (4)".
+        if isinstance(tasks, (Tensor, str, bytes)) or not hasattr(tasks, "__iter__"):
+            raise TypeError(f"{where}: tasks must be a list of (x_support, y_support, x_query, y_query), got {type(tasks).__name__}")
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError(f"{where}: tasks is empty")
+        for i, task in enumerate(tasks):
+            if not isinstance(task, (tuple, list)) or len(task) != 4 or not all(isinstance(t, Tensor) for t in task):
+                raise TypeError(f"{where}: task {i} must be a tuple of 4 tensors (x_support, y_support, x_query, y_query)")
+            xs, ys, xq, yq = task
+            for part, x, y in (("support", xs, ys), ("query", xq, yq)):
+                if x.dim() < 1 or y.dim() < 1 or x.shape[0] != y.shape[0]:
+                    raise ValueError(
+                        f"{where}: task {i} has {tuple(x.shape)[:1]} {part} inputs but {tuple(y.shape)[:1]} {part} "
+                        "labels; they must have the same number of rows"
+                    )
+        return tasks
 
     def evaluate(self, tasks) -> dict:
         """Mean query loss and accuracy after adaptation over ``tasks`` (no meta-gradient; the

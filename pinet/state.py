@@ -215,8 +215,12 @@ class PiState(nn.Module):
         the new global rows ``m`` with ``m % world_size == rank``, so shards stay balanced within
         one batch. Non-tensors, complex or integer rows and (with ``check_finite``, the default)
         NaN or infinite values raise before anything is stored: one such row would make every
-        later output of the layer NaN. ``check_finite=False`` skips the check (one device sync)
-        for rows already known to be finite, as the optimizer wrapper's are (it checked their norm).
+        later output of the layer NaN. The check is made on the values as they will be stored, so
+        float32 rows beyond a float16 store's range (65504) raise too instead of becoming inf.
+        ``check_finite=False`` skips the check (one device sync) for rows already known to be
+        finite, as the optimizer wrapper's are (it checked their norm), except where the stores'
+        dtypes have a smaller range than the rows' (float32 rows into float16 or bfloat16 rows,
+        float64 into float32): that cast is always checked.
         """
         for name, t in (("A_new", A_new), ("B_new", B_new), ("c_new", c_new)):
             if t is None and name == "c_new":
@@ -225,6 +229,8 @@ class PiState(nn.Module):
                 raise TypeError(f"append: {name} must be a tensor, got {type(t).__name__}")
             if not t.is_floating_point():
                 raise TypeError(f"append: {name} must be a real floating-point tensor, got {t.dtype}")
+            if t.is_meta and not self._A.is_meta:
+                raise ValueError(f"append: {name} is on the meta device (it has no values to store)")
         k = A_new.shape[0] if A_new.dim() else 0
         if A_new.dim() != 2 or A_new.shape[1] != self.r_out:
             raise ValueError(f"append: A_new must be (k, {self.r_out}), got {tuple(A_new.shape)}")
@@ -232,14 +238,35 @@ class PiState(nn.Module):
             raise ValueError(f"append: B_new must be ({k}, {self.r_in}), got {tuple(B_new.shape)}")
         if c_new is not None and c_new.shape != (k,):
             raise ValueError(f"append: c_new must be ({k},), got {tuple(c_new.shape)}")
-        if check_finite:
-            finite = torch.isfinite(A_new).all() & torch.isfinite(B_new).all()
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"append: check_finite must be a bool, got {check_finite!r}")
+        given = {"A_new": A_new, "B_new": B_new, "c_new": c_new}
+        store = {"A_new": self._A.dtype, "B_new": self._B.dtype, "c_new": self._c.dtype}
+        # The rows as they will be stored (the same tensors where the dtype already matches):
+        # checking those catches a cast that overflows (float32 rows past float16's 65504, float64
+        # coefficients past float32's range), which a check of the given rows cannot see. Every
+        # row is checked, not only a shard's share, so all processes of a sharded state agree.
+        cast = {n: t if t is None or t.dtype == store[n] else t.to(store[n]) for n, t in given.items()}
+        narrows = any(t is not None and torch.finfo(store[n]).max < torch.finfo(t.dtype).max for n, t in given.items())
+        if (check_finite or narrows) and not self._A.is_meta:  # a meta store holds no values to check
+            finite = torch.isfinite(cast["A_new"]).all() & torch.isfinite(cast["B_new"]).all()
             if c_new is not None:
-                finite &= torch.isfinite(c_new).all()
+                finite &= torch.isfinite(cast["c_new"]).all()
             if not bool(finite):
-                bad = [n for n, t in (("A_new", A_new), ("B_new", B_new), ("c_new", c_new))
-                       if t is not None and not bool(torch.isfinite(t).all())]  # fmt: skip
-                raise ValueError(f"append: {', '.join(bad)} must be finite (NaN or inf found); nothing was appended")
+                bad, over = [], []
+                for n, t in cast.items():
+                    if t is None or bool(torch.isfinite(t).all()):
+                        continue
+                    (over if bool(torch.isfinite(given[n]).all()) else bad).append(n)
+                if bad:
+                    raise ValueError(f"append: {', '.join(bad)} must be finite (NaN or inf found); nothing was appended")
+                raise ValueError(
+                    f"append: {', '.join(over)} " + ("has" if len(over) == 1 else "have") + " values beyond the range "
+                    f"of the {', '.join(str(store[n]) for n in over)} store (|x| <= "
+                    f"{', '.join(f'{torch.finfo(store[n]).max:.6g}' for n in over)}), which would be stored as inf; "
+                    "nothing was appended"
+                )
+        A_new, B_new, c_new = cast["A_new"], cast["B_new"], cast["c_new"]
         keep = slice(None)
         shard = self.shard
         if shard is not None:
@@ -277,8 +304,8 @@ class PiState(nn.Module):
                     f"truncate: global_rows={global_rows} puts {self.shard.local_rows(global_rows)} rows on "
                     f"rank {self.shard.rank}, not rows={rows}"
                 )
-            self.shard.global_rows = global_rows
-        self._M = rows
+            self.shard.global_rows = int(global_rows)
+        self._M = rows = int(rows)  # a numpy integer passes the check; keep the count a Python int
         self.c.data = self._c[:rows]
 
     # ------------------------------------------------------------------ gradient rows
@@ -457,8 +484,10 @@ class FinPiState(nn.Module):
             raise ValueError(
                 f"FinPiState: width n={omega.shape[0]} must be at least the rank r={omega.shape[1]}"
             )
+        # torch.linalg.inv has no half-precision kernels: invert in float32, store in omega's dtype.
+        work = omega.float() if omega.dtype in _HALF else omega
         try:
-            gram_inv = torch.linalg.inv(omega.T @ omega)
+            gram_inv = torch.linalg.inv(work.T @ work).to(omega.dtype)
         except torch.linalg.LinAlgError as e:
             raise ValueError(
                 f"FinPiState: omega {tuple(omega.shape)} must have rank r={omega.shape[1]} (linearly independent "

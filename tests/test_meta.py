@@ -6,6 +6,7 @@ import copy
 import csv
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,71 @@ def test_maml_names_a_bad_argument():
         MAML(net, num_steps=1.5)
     with pytest.raises(TypeError, match=r"MAML: first_order must be a bool, got 'yes'"):
         MAML(net, first_order="yes")
+
+
+def _grads_and_rows(net):
+    out = {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+    for i, l in enumerate(net.pi_layers):
+        rows = l.state.pending_rows()
+        out[f"rows{i}"] = None if rows is None else [t.clone() for t in rows]
+    return out
+
+
+def _equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, list):
+            assert isinstance(y, list) and all(torch.equal(u, v) for u, v in zip(x, y)), k
+        else:
+            assert (x is None and y is None) or torch.equal(x, y), k
+
+
+def test_a_failed_meta_backward_leaves_gradients_and_rows_as_before():
+    # It used to keep the meta-gradient of the tasks before the failing one: a following step()
+    # then applied half a meta-batch.
+    net = _pretrained()
+    opt = PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net)
+    maml = MAML(net, step_size=0.5)
+    good = _tasks(5, n=2)
+    bad = list(good[1])
+    bad[2] = bad[2].clone()
+    bad[2][0, 0] = float("nan")  # found by the net's forward, after the first task's backward
+    maml.meta_backward(good[:1])  # gradients and captured rows that must survive
+    before = _grads_and_rows(net)
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        maml.meta_backward([good[0], tuple(bad)])
+    _equal(before, _grads_and_rows(net))
+    with pytest.raises(ValueError, match=r"MAML.meta_step: task 1 has \(9,\) query inputs but \(2,\) query labels"):
+        maml.meta_step([good[0], (*good[1][:3], good[1][3][:2])], opt)
+    _equal(before, _grads_and_rows(net))  # checked before zero_grad
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        maml.meta_step([good[0], tuple(bad)], opt)
+    _equal(before, _grads_and_rows(net))  # put back as before zero_grad
+    opt.step()  # applies exactly the first call's meta-gradient
+    ref = _pretrained()
+    ref_opt = PiOptimizerWrapper(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), ref)
+    MAML(ref, step_size=0.5).meta_backward(good[:1])
+    ref_opt.step()
+    x = good[0][0]
+    assert torch.equal(net(x), ref(x))
+
+
+def test_meta_backward_names_bad_tasks_and_scales():
+    net = _infinite()
+    maml = MAML(net, num_steps=np.int64(2))
+    assert maml.num_steps == 2 and type(maml.num_steps) is int
+    tasks = _tasks(3)
+    for bad in (float("nan"), -1.0, "x", True):
+        with pytest.raises(ValueError, match=rf"MAML.meta_backward: scale must be a finite number >= 0 or None, got {bad!r}"):
+            maml.meta_backward(tasks, scale=bad)
+    with pytest.raises(TypeError, match=r"MAML.meta_backward: tasks must be a list of \(x_support, y_support, x_query, y_query\), got int"):
+        maml.meta_backward(5)
+    with pytest.raises(TypeError, match=r"MAML.meta_backward: task 0 must be a tuple of 4 tensors"):
+        maml.meta_backward([tasks[0][:3]])
+    with pytest.raises(ValueError, match=r"MAML.meta_backward: task 1 has \(6,\) support inputs but \(5,\) support labels"):
+        maml.meta_backward([tasks[0], (tasks[1][0], tasks[1][1][:5], *tasks[1][2:])])
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_infinite_second_order_refuses_non_row_meta_gradients():

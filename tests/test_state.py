@@ -1,5 +1,6 @@
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,45 @@ def test_append_refuses_non_finite_rows_and_stores_nothing(which, bad):
     assert all(torch.equal(a, b) for a, b in zip(before, (st.A, st.B, st.c.detach())))
     st.append(rows["A"], rows["B"], rows["c"], check_finite=False)  # the caller vouches for them
     assert st.rows == 7
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_append_checks_the_rows_as_they_will_be_stored(check_finite):
+    # float32 rows past float16's 65504, or float64 coefficients past float32's range, are finite
+    # as given and inf once stored: refused whether or not the caller vouched for finiteness.
+    torch.manual_seed(0)
+    half = PiState(4, 3, dtype=torch.float16)
+    A, B, _ = _rows(2, dtype=torch.float32)
+    half.append(A, B)
+    before = [t.clone() for t in (half.A, half.B, half.c.detach())]
+    with pytest.raises(ValueError, match=r"append: A_new has values beyond the range of the torch.float16 store "
+                       r"\(\|x\| <= 65504\), which would be stored as inf; nothing was appended"):
+        half.append(A * 1e5, B, check_finite=check_finite)
+    assert half.rows == 2 and all(torch.equal(a, b) for a, b in zip(before, (half.A, half.B, half.c.detach())))
+    single = PiState(4, 3, dtype=torch.float32)
+    A, B, c = _rows(3)  # float64 rows
+    c[1] = 1e300
+    with pytest.raises(ValueError, match=r"append: c_new has values beyond the range of the torch.float32 store"):
+        single.append(A, B, c, check_finite=check_finite)
+    assert single.rows == 0
+    c[1] = float("nan")  # not finite as given: the usual message (the narrowing cast is checked either way)
+    with pytest.raises(ValueError, match=r"append: c_new must be finite \(NaN or inf found\)"):
+        single.append(A, B, c, check_finite=check_finite)
+    half.append(A.float() * 100, B.float(), check_finite=check_finite)  # within range: stored
+    assert half.rows == 5 and torch.equal(half.A[2:], (A * 100).half())
+
+
+def test_append_refuses_meta_rows_and_a_non_bool_check_finite():
+    st = PiState(4, 3, dtype=D)
+    A, B, c = _rows(2)
+    with pytest.raises(ValueError, match="append: B_new is on the meta device"):
+        st.append(A, B.to("meta"), c)
+    with pytest.raises(TypeError, match="append: check_finite must be a bool, got 'no'"):
+        st.append(A, B, c, check_finite="no")
+    assert st.rows == 0
+    st.append(A, B, c)
+    st.truncate(np.int64(1))  # numpy integers are counts too, stored as Python ints
+    assert st.rows == 1 and type(st.rows) is int and st.c.shape == (1,)
 
 
 def test_append_refuses_non_tensors_and_non_float_rows():
@@ -272,3 +312,25 @@ def test_zeros_rows_and_fin_state_name_bad_arguments():
     # Columns that are not linearly independent: no projector onto their span from (ΩᵀΩ)⁻¹.
     with pytest.raises(ValueError, match=r"FinPiState: omega \(4, 2\) must have rank r=2 .*ΩᵀΩ is singular"):
         pinet.FinPiState(torch.ones(4, 2, dtype=D))
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_finite_states_and_nets_accept_half_precision(half):
+    # torch.linalg.inv has no half kernels: (ΩᵀΩ)⁻¹ used to fail with "Low precision dtypes not
+    # supported" although the dtype check lists both half types as accepted.
+    torch.manual_seed(0)
+    omega = torch.randn(16, 4, dtype=D)
+    st = pinet.FinPiState(omega.to(half))
+    ref = torch.linalg.inv(omega.to(half).double().T @ omega.to(half).double())
+    assert st.gram_inv.dtype == half
+    # rounding of ΩᵀΩ in float32, then of the inverse to the half type (8 or 11 significant bits)
+    torch.testing.assert_close(st.gram_inv.double(), ref, rtol=2 * torch.finfo(half).eps, atol=0)
+    net = pinet.FinPiMLP(d_in=6, d_out=3, width=16, r=4, depth=1, dtype=half)
+    opt = pinet.optim.PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.1), net)
+    x = torch.randn(5, 6).to(half)
+    opt.zero_grad()
+    net(x).float().square().sum().backward()
+    opt.step()
+    assert net(x).dtype == half and bool(torch.isfinite(net(x)).all())
+    inf = pinet.InfPiMLP(d_in=6, d_out=3, r=4, depth=1)
+    assert next(pinet.sample(inf, 32, dtype=half).parameters()).dtype == half

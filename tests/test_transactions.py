@@ -293,6 +293,152 @@ def test_step_again_without_backward_is_refused():
     _same(before, _everything(net, opt))
 
 
+def test_rows_beyond_a_half_store_refuse_the_step_and_change_nothing():
+    # A loss scaled like GradScaler's first scale (65536) gives π-rows past float16's range: they
+    # used to be stored as inf (the norm check runs on the float32 rows), and the net gave NaN.
+    torch.manual_seed(0)
+    net = pinet.InfPiMLP(6, 3, 4, 1, dtype=torch.float16)
+    opt = PiOptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    for scale in (1.0, 1.0):
+        opt.zero_grad()
+        ((net(x).float() - 1).square().sum() * scale).backward()
+        opt.step()
+    opt.zero_grad()
+    ((net(x).float() - 1).square().sum() * 65536.0).backward()
+    before = _everything(net, opt)
+    with pytest.raises(ValueError, match=r"PiOptimizerWrapper.step: the π-rows of 'layers.\d.state' cannot be "
+                       r"stored: append: A_new has values beyond the range of the torch.float16 store"):
+        opt.step()
+    _same(before, _everything(net, opt))
+    assert all(bool(torch.isfinite(l.state.A).all()) for l in net.pi_layers)
+    opt.zero_grad()
+    ((net(x).float() - 1).square().sum()).backward()
+    opt.step()  # an unscaled step still trains
+    assert bool(torch.isfinite(net(x)).all())
+
+
+def test_accumulate_refuses_a_step_without_gradients():
+    # It used to count as a micro-batch: Accumulate(2) then applied the update of one micro-batch.
+    net = _net()
+    opt = _opt(net, hooks=[Accumulate(2)])
+    _backward(net)
+    opt.step()  # stashed: micro-batch 1 of 2
+    before = _everything(net, opt)
+    for _ in range(2):  # step() again, and after zero_grad()
+        with pytest.raises(RuntimeError, match=r"Accumulate: step\(\) got no gradients: call backward\(\) before "
+                           r"every step\(\) \(this call would count as micro-batch 2 of 2"):
+            opt.step()
+        _same(before, _everything(net, opt))
+        opt.zero_grad()
+    _backward(net, seed=2)
+    opt.step()
+    assert opt.stats.applied and set(opt.stats.rows_appended.values()) == {12}  # 2 micro-batches of 6 rows
+
+
+def _accumulate_state(mutate):
+    def edit(sd):
+        mutate(sd["hooks"][-1]["state"])
+    return edit
+
+
+def _momentum(value):
+    def edit(sd):
+        st = sd["optimizer"]["state"]
+        first = next(iter(st))
+        st[first]["momentum_buffer"] = value(st[first]["momentum_buffer"])
+    return edit
+
+
+def _group(key, value):
+    def edit(sd):
+        if value is KeyError:
+            del sd["optimizer"]["param_groups"][0][key]
+        else:
+            sd["optimizer"]["param_groups"][0][key] = value
+    return edit
+
+
+def _first_rows(key, value):
+    def edit(state):
+        rows = next(g for g in state["grads"].values() if isinstance(g, dict))
+        rows[key] = value(rows[key])
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (_momentum(lambda b: b * float("nan")), r"state 'momentum_buffer' of '.*' is not finite"),
+        (_momentum(lambda b: torch.tensor(1.0, dtype=D)), r"must be a real floating-point tensor of the parameter's shape"),
+        (_momentum(lambda b: b.tolist()), r"state 'momentum_buffer' of '.*' must be a tensor or None, got list"),
+        (_group("momentum", None), r"saved group 0 has momentum=None; expected a finite number"),
+        (_group("momentum", KeyError), r"saved group 0 has no 'momentum'"),
+        (_group("lr", -1.0), r"saved group 0 has lr=-1.0; expected a non-negative number"),
+        (_group("nesterov", "no"), r"saved group 0 has nesterov='no'; expected a bool"),
+        (lambda sd: sd["hooks"][0].pop("state"), r"'hooks' must be a list of dicts with keys 'type', 'config' and 'state'"),
+        (lambda sd: sd["optimizer"]["state"].__setitem__(0, 5), r"optimizer state of '.*' must be a dict, got int"),
+        (_accumulate_state(lambda s: s.__setitem__("count", 99)), r"count must be an int in \[0, 3\) for Accumulate\(3\), got 99"),
+        (_accumulate_state(lambda s: s.__setitem__("count", -5)), r"count must be an int in \[0, 3\).*got -5"),
+        (_accumulate_state(lambda s: s.__setitem__("count", 1.5)), r"count must be an int in \[0, 3\).*got 1.5"),
+        (_accumulate_state(lambda s: s.__setitem__("count", True)), r"count must be an int in \[0, 3\).*got True"),
+        (_accumulate_state(lambda s: s.pop("count")), r"expected a dict with keys 'count' and 'grads', got \['grads'\]"),
+        (_accumulate_state(lambda s: s.__setitem__("grads", [1, 2])), r"grads must be a dict of name -> gradient, got list"),
+        (_accumulate_state(_first_rows("coef", lambda t: t * float("nan"))), r"stashed gradient 'layers.\d.state' is not finite"),
+        (_accumulate_state(_first_rows("coef", lambda t: t[:1])), r"stashed π-rows 'layers.\d.state': PiRows: A, B and coef"),
+    ],
+)  # fmt: skip
+def test_malformed_saved_state_is_refused_and_changes_nothing(edit, match):
+    # Each of these used to load, then fail every later step() with torch's own error, or (NaN
+    # momentum, NaN stash) turn the net into NaN or fail every step until the wrapper was rebuilt.
+    net = _net()
+    opt = _opt(net, hooks=[Accumulate(3)])
+    for s in range(5):  # one update (3 micro-batches), then 2 stashed
+        opt.zero_grad()
+        _backward(net, seed=30 + s)
+        opt.step()
+    saved = _saved(net, opt)["opt"]
+    edit(saved)
+    before = _everything(net, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    _same(before, _everything(net, opt))
+    opt.zero_grad()
+    _backward(net)
+    opt.step()  # the wrapper still works
+    assert opt.stats.applied
+
+
+def test_a_truncated_state_trains_on_and_a_stale_coefficient_gradient_is_named():
+    net = _net()
+    opt = _opt(net, weight_decay=0.0)  # old rows' coefficients then get no gradient: b ← 0.9 b exactly
+    _train(net, opt, steps=2)
+    opt.zero_grad()
+    _backward(net)
+    for l in net.pi_layers:  # after backward(): c.grad has rows the state no longer holds
+        l.state.truncate(l.state.rows - 2)
+    before = _everything(net, opt)
+    with pytest.raises(RuntimeError, match=r"the coefficients 'layers.1.state.c' have a gradient of \d+ rows but the "
+                       r"state holds \d+ \(it was truncated, appended to or loaded after backward\(\)\); call "
+                       r"zero_grad\(\) and backward\(\) again"):
+        opt.step()
+    _same(before, _everything(net, opt))
+    # Truncated before backward(): the removed rows' momentum goes with them (it used to fail with
+    # torch's "size of tensor a (9) must match the size of tensor b (12)", step after step).
+    opt.zero_grad()
+    kept = {}
+    for l in net.pi_layers:
+        kept[l] = opt.optimizer.state[l.state.c]["momentum_buffer"][: l.state.rows].clone()
+    _backward(net, seed=3)
+    opt.step()
+    for l, buf in kept.items():
+        new = opt.optimizer.state[l.state.c]["momentum_buffer"]
+        assert new.shape == l.state.c.shape
+        assert torch.equal(new[: len(buf)], 0.9 * buf)  # the kept rows' momentum, continued
+        assert torch.equal(new[len(buf) :], l.state.c.grad[len(buf) :])  # the new rows' first step
+    _train(net, opt, steps=2)
+
+
 def _saved(net, opt):
     buf = io.BytesIO()
     torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)

@@ -151,6 +151,12 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
         # `state.c` itself (not through pinet.layers.pi_product): SGD on it is not the π-update.
         for name, st in self.ctx.pi_states.items():
             g = st.c.grad
+            if g is not None and g.shape != st.c.shape:
+                raise RuntimeError(
+                    f"PiOptimizerWrapper.step: the coefficients {_join(name, 'c')!r} have a gradient of "
+                    f"{g.shape[0]} rows but the state holds {st.rows} (it was truncated, appended to or loaded "
+                    "after backward()); call zero_grad() and backward() again. The step was not applied"
+                )
             if g is not None and not st._pending_valid() and bool(g.any()):
                 raise RuntimeError(
                     f"PiOptimizerWrapper.step: the coefficients {_join(name, 'c')!r} have a gradient but no "
@@ -239,7 +245,14 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
             old = st.rows
             c_old_grad = grads.get(_join(name, "c"))
             # A sharded state (pinet.distributed) keeps its share of the replicated new rows.
-            keep = st.append(rows.A, rows.B, check_finite=False)  # finite: step() checked their norm
+            try:
+                keep = st.append(rows.A, rows.B, check_finite=False)  # finite: step() checked their norm
+            except ValueError as e:  # rows beyond the range of a half-precision store
+                raise ValueError(
+                    f"PiOptimizerWrapper.step: the π-rows of {name!r} cannot be stored: {e} (a loss scaled by "
+                    "a large factor makes them large; store the rows in float32 or lower the scale); the step "
+                    "was not applied"
+                ) from e
             appended[name] = rows.rows
             g = torch.zeros_like(st.c)
             if c_old_grad is not None:
@@ -250,14 +263,23 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
         return appended
 
     def _grow_state(self, param: Tensor, old: int) -> None:
-        """Zero-pad the inner optimizer's per-parameter tensors of ``param`` from ``old`` to M rows."""
+        """Zero-pad the inner optimizer's per-parameter tensors of ``param`` from ``old`` to M rows.
+
+        Per-row state of another length (the state was truncated with ``PiState.truncate``, or
+        rows were appended outside the wrapper, since the last step) is first cut or zero-padded
+        to ``old``: a removed row takes its momentum with it, a row appended by hand has none."""
         new = param.shape[0]
         st = self.optimizer.state.get(param)
         if not st:
             return
         for key, v in list(st.items()):
-            if isinstance(v, Tensor) and v.dim() == 1 and v.shape[0] == old and new != old:
-                st[key] = _grow_1d(v, new)
+            if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] == new:
+                continue
+            if v.shape[0] > old:
+                v = v[:old]
+            elif v.shape[0] < old:
+                v = torch.cat([v, v.new_zeros(old - v.shape[0])])
+            st[key] = _grow_1d(v, new) if new != old else v
 
     # ------------------------------------------------------------------ torch API
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -309,7 +331,12 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "optimizer" not in state_dict or "hooks" not in state_dict:
             raise ValueError(f"{where}: expected a dict with keys 'optimizer' and 'hooks'")
         hooks = state_dict["hooks"]
-        types = [h.get("type") if isinstance(h, dict) else None for h in hooks]
+        if not isinstance(hooks, list) or not all(isinstance(h, dict) and {"type", "state"} <= set(h) for h in hooks):
+            raise ValueError(
+                f"{where}: 'hooks' must be a list of dicts with keys 'type', 'config' and 'state' (what "
+                "state_dict() returns)"
+            )
+        types = [h.get("type") for h in hooks]
         mine = [type(h).__name__ for h in self.hooks]
         if types != mine:
             raise ValueError(f"{where}: saved hooks {types} differ from this wrapper's {mine}")
@@ -349,22 +376,29 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
                 f"per group, this one {[len(g['params']) for g in groups]}"
             )
         _check_hyperparameters(saved_groups, where=where)
+        for i, (sg, g) in enumerate(zip(saved_groups, groups)):
+            _check_saved_group(sg, g, f"{where}: saved group {i}")
         names = {id(p): n for n, p in self.ctx.params.items()}
         index = {}
         for sg, g in zip(saved_groups, groups):
             index.update(zip(sg["params"], g["params"]))
+        if len(index) != sum(len(g["params"]) for g in groups):
+            raise ValueError(f"{where}: the saved groups list a parameter index more than once")
         for idx, st in inner["state"].items():
             p = index.get(idx)
             if p is None:
                 raise ValueError(f"{where}: optimizer state for unknown parameter index {idx!r}")
+            name = names.get(id(p), f"#{idx}")
+            if not isinstance(st, dict):
+                raise ValueError(f"{where}: optimizer state of {name!r} must be a dict, got {type(st).__name__}")
             for key, v in st.items():
                 if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
-                    name = names.get(id(p), f"#{idx}")
                     raise ValueError(
                         f"{where}: state {key!r} of {name!r} has shape {tuple(v.shape)} but the parameter has "
                         f"{tuple(p.shape)} (π-coefficients: rows of another step); load the model's "
                         "state_dict from the same checkpoint first, then the optimizer's"
                     )
+                _check_saved_state_value(key, v, p, f"{where}: state {key!r} of {name!r}")
 
     def __repr__(self) -> str:
         hooks = ", ".join(repr(h) for h in self.hooks)
@@ -436,6 +470,43 @@ def _check_hyperparameters(groups, where: str = "PiOptimizerWrapper") -> None:
                 name = g.get("name")
                 label = f"group {i}" + (f" ({name!r})" if name else "")
                 raise ValueError(f"{where}: {label} has {key}={v!r}; expected a finite number")
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or (isinstance(v, Tensor) and v.numel() == 1)
+
+
+def _check_saved_group(saved: dict, current: dict, where: str) -> None:
+    # torch's Optimizer.load_state_dict takes the saved group dicts as they are: a missing key
+    # is a KeyError at the next step(), a None momentum a TypeError there, a negative lr ascends.
+    for key, cur in current.items():
+        if key in ("params", "param_names"):
+            continue
+        if key not in saved:
+            raise ValueError(f"{where} has no {key!r} (this optimizer's groups have {sorted(current)})")
+        v = saved[key]
+        if isinstance(cur, bool) and not isinstance(v, bool):
+            raise ValueError(f"{where} has {key}={v!r}; expected a bool")
+        if _is_number(cur) and not _is_number(v):
+            raise ValueError(f"{where} has {key}={v!r}; expected a finite number")
+        if key in ("lr", "momentum", "weight_decay") and _is_number(v) and float(v) < 0:
+            raise ValueError(f"{where} has {key}={v!r}; expected a non-negative number")
+
+
+def _check_saved_state_value(key: str, v, p: Tensor, where: str) -> None:
+    # Per-parameter optimizer state as it will be used: a NaN momentum buffer would silently turn
+    # the parameters into NaN at the next step, a list or 0-dim one fail there with torch's error.
+    if key == "momentum_buffer" and v is not None and not isinstance(v, Tensor):
+        raise ValueError(f"{where} must be a tensor or None, got {type(v).__name__}")
+    if not isinstance(v, Tensor):
+        return
+    if v.is_meta:
+        raise ValueError(f"{where} is on the meta device (it has no values)")
+    if key == "momentum_buffer" and (not v.is_floating_point() or v.shape != p.shape):
+        raise ValueError(f"{where} must be a real floating-point tensor of the parameter's shape {tuple(p.shape)}, "
+                         f"got {v.dtype} {tuple(v.shape)}")  # fmt: skip
+    if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{where} is not finite (NaN or inf)")
 
 
 def _compact(t: Tensor) -> Tensor:
