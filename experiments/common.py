@@ -814,21 +814,48 @@ _CLI_ONLY = {"resume", "no_progress", "human", "test", "model_path", "_default_p
 _CHANGEABLE = {"epochs", "save_dir"}
 
 
-def _merge_resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict):
+def given_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags typed in ``argv`` (``None``: ``sys.argv[1:]``), whatever their
+    values: ``--lr 1.0`` counts as given even where 1.0 is the default. ``argv`` must already parse."""
+    # A value compared with the default cannot tell `--save-dir output/train` from no --save-dir at
+    # all. Parsed once more with every default suppressed, the namespace holds only what argv set.
+    actions = [(a, a.default) for a in parser._actions]
+    parser_defaults = dict(parser._defaults)
+    try:
+        for a, _ in actions:
+            a.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        typed = parser.parse_args(argv)
+    finally:
+        for a, default in actions:
+            a.default = default
+        parser._defaults.clear()
+        parser._defaults.update(parser_defaults)
+    return set(vars(typed))
+
+
+def _merge_resume_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict, given: set[str],
+    cli_only: set[str] = _CLI_ONLY, changeable: str = "only --epochs, --save-dir and output flags may change",
+) -> argparse.Namespace:
+    """``args`` with the training flags of the checkpoint (``saved``). A flag in ``given`` (typed on
+    the command line, see :func:`given_dests`) that differs from the checkpoint is a :class:`CLIError`,
+    except --epochs and --save-dir, which are then taken from the command line; --save-dir not given
+    is the checkpoint's directory."""
     merged = argparse.Namespace(**vars(args))
     for key, old in saved.items():
-        if key in _CLI_ONLY or not hasattr(args, key):
+        if key in cli_only or not hasattr(args, key):
             continue
-        new = getattr(args, key)
-        explicit = new != parser.get_default(key)
-        if key in _CHANGEABLE and explicit:
-            continue
-        if explicit and new != old:
-            flag = "--" + key.replace("_", "-")
-            raise CLIError(f"{flag} {new} conflicts with the checkpoint ({flag} {old}); a resumed run keeps "
-                           "its training flags (only --epochs, --save-dir and output flags may change)")
+        if key in given:
+            if key in _CHANGEABLE:
+                continue
+            new = getattr(args, key)
+            if new != old:
+                flag = "--" + key.replace("_", "-")
+                raise CLIError(f"{flag} {new} conflicts with the checkpoint ({flag} {old}); a resumed run keeps "
+                               f"its training flags ({changeable})")
         setattr(merged, key, old)
-    if not (args.save_dir and args.save_dir != parser.get_default("save_dir")):
+    if "save_dir" not in given:
         merged.save_dir = os.path.dirname(os.path.abspath(args.resume))
     return merged
 
@@ -1076,7 +1103,7 @@ def cli(
                 raise CLIError(f"{args.resume} is not a checkpoint.pt written by this program "
                                "(model files are evaluated with --test --model-path)")
             _check_checkpoint(checkpoint, args.resume)
-            args = _merge_resume_args(parser, args, checkpoint["args"])
+            args = _merge_resume_args(parser, args, checkpoint["args"], given_dests(parser, argv))
         if args.save_dir and os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
             raise CLIError(f"--save-dir {args.save_dir} is an existing file, not a directory")
         device = resolve_device(args)

@@ -14,6 +14,7 @@ infinite one at rate ``n^-½`` (sampled from the same net). Kernel ridge regress
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -74,6 +75,8 @@ def _check_x(name: str, x, like: Tensor | None = None) -> Tensor:
             f"feature_kernel: {name} must be a tensor with the samples along dim 0, "
             f"got {getattr(x, 'shape', type(x).__name__)}"
         )
+    if x.is_meta:  # no data to run the net on (torch would fail later with "Cannot copy out of meta tensor")
+        raise ValueError(f"feature_kernel: {name} is on the meta device (it holds no data); pass a tensor with data")
     if like is not None and x.shape[1:] != like.shape[1:]:
         raise ValueError(
             f"feature_kernel: {name} must have per-sample shape {tuple(like.shape[1:])} "
@@ -83,9 +86,45 @@ def _check_x(name: str, x, like: Tensor | None = None) -> Tensor:
 
 
 def _check_block(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    # Integer-like values (numpy integers) are accepted through operator.index; bool is not a size.
+    try:
+        n = None if isinstance(block_size, bool) else operator.index(block_size)
+    except TypeError:
+        n = None
+    if n is None:
+        raise TypeError(f"feature_kernel: block_size must be a positive int, got {block_size!r}")
+    if n < 1:
         raise ValueError(f"feature_kernel: block_size must be a positive int, got {block_size!r}")
-    return block_size
+    return n
+
+
+def _check_net_device(net: nn.Module) -> torch.device | None:
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"feature_kernel: net must be an nn.Module, got {type(net).__name__}")
+    dev = _device(net)
+    if dev is not None and dev.type == "meta":
+        raise ValueError("feature_kernel: net's parameters are on the meta device (they hold no data); "
+                         "load or materialise them first")  # fmt: skip
+    return dev
+
+
+def _check_out(out, n1: int, n2: int) -> None:
+    # Before any feature or block is computed: at 60,000 samples the features alone take minutes.
+    if out is None:
+        return
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"feature_kernel: out must be a ({n1}, {n2}) tensor or None, got {type(out).__name__}"
+            + (" (wrap a numpy array with torch.from_numpy)" if hasattr(out, "__array__") else "")
+        )
+    if tuple(out.shape) != (n1, n2):
+        raise ValueError(f"feature_kernel: out must be a ({n1}, {n2}) tensor, got shape {tuple(out.shape)}")
+    # Blocks are moved to out's device (a CPU memmap for a net on a GPU is the intended use), but
+    # a meta tensor holds no data: the kernel would be silently lost.
+    if out.is_meta:
+        raise ValueError("feature_kernel: out is on the meta device (it holds no data); pass a tensor with data")
+    if out.requires_grad:
+        raise ValueError("feature_kernel: out must not require grad (the blocks are written into it in place)")
 
 
 def _check_progress(progress) -> None:
@@ -125,6 +164,7 @@ def features(
     changes) and stops as soon as the layer's input is known; training flags are restored after.
     ``progress(done, total)`` is called with the number of samples done after every block.
     """
+    dev = _check_net_device(net)
     layer = readout_layer(net) if layer is None else layer
     if not isinstance(layer, (InfPiLayer, FinPiLayer)):
         raise TypeError(
@@ -135,7 +175,6 @@ def features(
     x = _check_x("x", x)
     block_size = _check_block(block_size)
     _check_progress(progress)
-    dev = _device(net)
     box: list[Tensor] = []
 
     def hook(module, args):
@@ -187,6 +226,29 @@ def features(
     return kind, F, (torch.cat(parts_s) if kind == "infinite" else None)
 
 
+def _check_features(name: str, f) -> tuple:
+    # What features() returns: (kind, F (N, w), s (N, 1) or None); a wrong one would fail in a product.
+    if not isinstance(f, tuple) or len(f) != 3:
+        raise TypeError(f"kernel_from_features: {name} must be the (kind, F, s) tuple of features(), got {type(f).__name__}")
+    kind, F, _ = f  # s is checked by _check_norms, after the kinds of f1 and f2 are compared
+    if kind not in ("infinite", "finite"):
+        raise ValueError(f"kernel_from_features: {name}'s kind must be 'infinite' or 'finite', got {kind!r}")
+    if not isinstance(F, Tensor) or F.dim() != 2 or not F.is_floating_point():
+        raise TypeError(f"kernel_from_features: {name}'s F must be a 2-d floating-point tensor (N, w), "
+                        f"got {getattr(F, 'shape', type(F).__name__)}")  # fmt: skip
+    if F.is_meta:
+        raise ValueError(f"kernel_from_features: {name}'s F is on the meta device (it holds no data)")
+    return f
+
+
+def _check_norms(name: str, f) -> None:
+    # Infinite features carry their norms s (N, 1); finite ones have none (s is not read).
+    kind, F, s = f
+    if kind == "infinite" and not (isinstance(s, Tensor) and tuple(s.shape) == (F.shape[0], 1) and s.device == F.device):
+        raise ValueError(f"kernel_from_features: {name}'s s must be a ({F.shape[0]}, 1) tensor on {F.device} "
+                         f"for infinite features, got {getattr(s, 'shape', type(s).__name__)}")  # fmt: skip
+
+
 def _block(kind: str, F1: Tensor, s1, F2: Tensor, s2) -> Tensor:
     if kind == "infinite":
         # J clamps the cosine to [-1, 1] (rounding of unit vectors).
@@ -221,8 +283,10 @@ def feature_kernel(
             the features (N, r) or (N, n), and ``block_size²`` per kernel block, besides the output.
         dtype: dtype of the kernel (default: the features' dtype, i.e. the net's compute dtype); the
             features are converted to it before the products. Use float64 for kernel regression.
-        out: optional preallocated (n1, n2) tensor the blocks are written into (e.g. a
-            ``torch.from_numpy`` view of a ``numpy.memmap`` for 60,000 × 60,000); returned.
+        out: optional preallocated (n1, n2) floating-point tensor the blocks are written into
+            (e.g. a ``torch.from_numpy`` view of a ``numpy.memmap`` for 60,000 × 60,000, also for
+            a net on a GPU: each block is moved to ``out``'s device); returned. Its type, shape and
+            device (not ``meta``) are checked before any feature is computed.
         progress: called as ``progress(done, total)`` after every kernel block.
 
     To form several kernels of the same inputs (train/train and test/train), compute
@@ -233,6 +297,8 @@ def feature_kernel(
         x2 = _check_x("x2", x2, like=x1)
     block_size = _check_block(block_size)
     _check_kernel_args(dtype, out, progress)  # before the features are computed
+    _check_out(out, x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0])
+    _check_net_device(net)
     layer = readout_layer(net) if layer is None else layer
     f1 = features(net, x1, layer=layer, block_size=block_size)
     f2 = None if x2 is None else features(net, x2, layer=layer, block_size=block_size)
@@ -250,29 +316,30 @@ def kernel_from_features(
 ) -> Tensor:
     """The feature kernel (n1, n2) from :func:`features` outputs ``f1`` (of n1 samples) and ``f2``
     (``None``: the symmetric ``K(f1, f1)``); arguments as in :func:`feature_kernel`."""
-    kind, F1, s1 = f1
+    kind, F1, s1 = _check_features("f1", f1)
     if f2 is None:
         F2, s2 = F1, s1
     else:
-        kind2, F2, s2 = f2
+        kind2, F2, s2 = _check_features("f2", f2)
         if kind2 != kind or F2.shape[1] != F1.shape[1]:
             raise ValueError(
                 f"kernel_from_features: f1 and f2 must be features of the same layer, got {kind} "
                 f"{tuple(F1.shape)} and {kind2} {tuple(F2.shape)}"
             )
+        if F2.device != F1.device:
+            raise ValueError(f"kernel_from_features: f1 and f2 must be on one device, got {F1.device} and {F2.device}")
+        _check_norms("f2", f2)
+    _check_norms("f1", f1)
     block_size = _check_block(block_size)
     _check_kernel_args(dtype, out, progress)
+    _check_out(out, F1.shape[0], F2.shape[0])
     dtype = dtype or F1.dtype
     F1, F2 = F1.to(dtype), F2.to(dtype)
-    s1 = None if s1 is None else s1.to(dtype)
-    s2 = None if s2 is None else s2.to(dtype)
+    s1 = s1.to(dtype) if kind == "infinite" else None  # finite features have no norms
+    s2 = s2.to(dtype) if kind == "infinite" else None
     n1, n2 = F1.shape[0], F2.shape[0]
     if out is None:
         out = torch.empty(n1, n2, dtype=dtype, device=F1.device)
-    elif not isinstance(out, Tensor) or tuple(out.shape) != (n1, n2):
-        raise ValueError(
-            f"feature_kernel: out must be a ({n1}, {n2}) tensor, got {getattr(out, 'shape', out)}"
-        )
     sym = f2 is None
     starts1 = list(range(0, n1, block_size))
     starts2 = list(range(0, n2, block_size))

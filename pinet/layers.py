@@ -11,6 +11,7 @@ of each layer's saved state (``get_extra_state``). ``bias_alpha == 0`` means no 
 from __future__ import annotations
 
 import math
+import numbers
 from functools import partial
 
 import torch
@@ -40,9 +41,10 @@ ROLES = ("input", "hidden", "readout")
 
 
 def _check_dim(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    # numpy integers count (a width from np.arange or a config array), bool does not.
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
+    return int(v)
 
 
 def _check_mult(name: str, v) -> float:

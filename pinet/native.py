@@ -20,10 +20,17 @@ __all__ = ["NativeUnavailable", "disable", "enable", "enabled", "reduce_into", "
 def enable(on: bool = True) -> None:
     """Select the ``"native"`` backend (``on``), or leave it for ``"auto"`` (``on=False``; any
     other forced backend is left as it is). Raises :class:`NativeUnavailable` if it cannot run."""
+    _check_on("enable", on)
     if on:
         kernels.set_backend("native")
     elif kernels.setting() == "native":
         kernels.set_backend("auto")
+
+
+def _check_on(where: str, on) -> None:
+    # A truthy string such as "no" or "false" would otherwise switch the native backend on.
+    if not isinstance(on, bool):
+        raise TypeError(f"pinet.native.{where}: on must be a bool, got {on!r}")
 
 
 def disable() -> None:
@@ -40,6 +47,7 @@ def enabled() -> bool:
 def use(on: bool = True) -> Iterator[None]:
     """``with pinet.native.use(): ...`` selects the native backend inside the block (``on=False``:
     not native) and restores the previous backend setting after it."""
+    _check_on("use", on)
     before = kernels.setting()
     enable(on)
     try:

@@ -16,6 +16,8 @@ pass (:func:`trace`) in which every tensor derived from a layer's output carries
 from __future__ import annotations
 
 import copy
+import operator
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .layers import ROLES, InfPiInput, InfPiModule
+from .layers import ROLES, InfPiInput, InfPiLayer, InfPiModule
 
 __all__ = ["sample", "trace", "DataFlow", "MixedSpacesError"]
 
@@ -123,7 +125,9 @@ def _example_input(layers: dict[str, InfPiModule], device) -> tuple:
             f"pinet.sample: cannot build an example input ({len(inputs)} InfPiInput layers); pass "
             "example_input=(tensors the forward takes)"
         )
-    return (torch.zeros(2, inputs[0].d_in, device=device).normal_(generator=torch.Generator(device).manual_seed(0)),)
+    # In the input layer's dtype: a float64 module in front of it (a BatchNorm) refuses float32.
+    x = torch.zeros(2, inputs[0].d_in, device=device, dtype=inputs[0].A.dtype)
+    return (x.normal_(generator=torch.Generator(device).manual_seed(0)),)
 
 
 @torch.no_grad()
@@ -132,13 +136,20 @@ def trace(model: nn.Module, example_input: tuple | Tensor | None = None) -> Data
 
     ``example_input``: what ``model`` takes (a tensor or a tuple of positional arguments); default
     ``randn(2, d_in)`` when the net has exactly one :class:`~pinet.InfPiInput`. The pass runs under
-    ``no_grad`` (no rows are captured, nothing is changed). Raises :class:`MixedSpacesError` if two
-    spaces are combined and ``ValueError`` for wiring without a finite counterpart (a π-layer fed by
-    data or by a readout, one layer called on two spaces, a declared role that contradicts the
-    wiring).
+    ``no_grad`` (no rows are captured) with every module in eval mode (a BatchNorm in train mode
+    would update its running statistics); each module's own training flag is restored afterwards,
+    also when the pass raises, so nothing in ``model`` changes. Raises :class:`MixedSpacesError` if
+    two spaces are combined and ``ValueError`` for wiring without a finite counterpart (a π-layer
+    fed by data or by a readout, one layer called on two spaces, a declared role that contradicts
+    the wiring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"pinet.sample: model must be an nn.Module, got {type(model).__name__}")
+    if example_input is not None and not isinstance(example_input, (Tensor, tuple)):
+        raise TypeError(
+            "pinet.sample: example_input must be a tensor, a tuple of the forward's positional arguments "
+            f"or None, got {type(example_input).__name__}"
+        )
     layers = _outermost_layers(model)
     if not layers:
         raise ValueError(f"pinet.sample: {type(model).__name__} contains no infinite π-layer (InfPiModule)")
@@ -206,7 +217,10 @@ def trace(model: nn.Module, example_input: tuple | Tensor | None = None) -> Data
         return None
 
     handles = []
+    # Per module, not model.train(mode): a net may keep some submodules in eval on purpose.
+    modes = [(m, m.training) for m in model.modules()]
     try:
+        model.eval()
         for m in layers.values():
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True))
@@ -223,6 +237,8 @@ def trace(model: nn.Module, example_input: tuple | Tensor | None = None) -> Data
     finally:
         for h in handles:
             h.remove()
+        for m, mode in modes:
+            m.training = mode
     for name, m in flow.layers.items():
         if m.pi_role != "readout" and not flow.consumers(name):
             raise ValueError(
@@ -235,12 +251,70 @@ def trace(model: nn.Module, example_input: tuple | Tensor | None = None) -> Data
     return flow
 
 
-def _draw_omegas(flow: DataFlow, width: int, generator, device, dtype) -> dict[str, Tensor]:
-    # Drawn in float64 and rounded, space by space in creation order (InfPiMLP: layer 0, 1, ...).
+def _draw_omegas(flow: DataFlow, width: int, generator, draw_device, device, dtype) -> dict[str, Tensor]:
+    # Drawn in float64 and rounded, space by space in creation order (InfPiMLP: layer 0, 1, ...), on
+    # the generator's device (torch requires it) and moved to the model's: the same Ω either way.
     return {
-        name: torch.randn(width, flow.ranks[name], generator=generator, device=device, dtype=torch.float64).to(dtype)
+        name: torch.randn(width, flow.ranks[name], generator=generator, device=draw_device, dtype=torch.float64)
+        .to(device=device, dtype=dtype)
         for name in flow.spaces
     }
+
+
+def _check_width(width) -> int:
+    # Integer-like values (numpy integers) pass through operator.index; bool is not a width.
+    try:
+        n = None if isinstance(width, bool) else operator.index(width)
+    except TypeError:
+        n = None
+    if n is None:
+        raise TypeError(f"pinet.sample: width must be a positive int, got {width!r}")
+    if n < 1:
+        raise ValueError(f"pinet.sample: width must be a positive int, got {width!r}")
+    return n
+
+
+def _check_generator(generator) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"pinet.sample: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type == "meta":
+        raise ValueError("pinet.sample: generator is on the meta device, which draws no numbers; use a CPU or CUDA generator")
+
+
+def _memory(device: torch.device) -> int | None:
+    # Total memory of the device (None: unknown, no check). CPU: physical RAM.
+    try:
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def _check_memory(flow: DataFlow, width: int, device: torch.device, dtype: torch.dtype) -> None:
+    # A lower bound of what the result keeps, computed from shapes only: every Ω (n, r) in dtype,
+    # one float64 draw, and the finite weights of pinet's own layers (a hidden one is n × n). A width
+    # it already refuses cannot succeed and would otherwise end in an allocator error naming no argument.
+    if not flow.ranks:
+        return
+    size = torch.empty(0, dtype=dtype).element_size()
+    elems = width * sum(flow.ranks.values())
+    for layer in flow.layers.values():
+        if isinstance(layer, InfPiInput):
+            elems += width * layer.d_in
+        elif isinstance(layer, InfPiLayer):
+            elems += width * (layer.r_out if layer.pi_role == "readout" else width)
+    need = elems * size + width * max(flow.ranks.values()) * 8
+    total = _memory(device)
+    if total is not None and need > total:
+        raise ValueError(
+            f"pinet.sample: width={width} needs at least {need:,} bytes ({need / 2**30:,.1f} GiB) for the "
+            f"finite weights and Ω, more than the {total / 2**30:,.1f} GiB of memory on {device}"
+        )
 
 
 def finite_layers(flow: DataFlow, omegas: dict[str, Tensor], dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -281,18 +355,29 @@ def sample(
     shape as the infinite net's; they agree with them up to ``O(n^-½)``. Train it with
     :class:`pinet.optim.PiOptimizerWrapper`: it projects the gradients of every non-readout layer.
 
-    ``dtype`` defaults to the compute dtype of ``model``; ``example_input`` is passed to
-    :func:`trace`. The model is not changed.
+    ``width``: a positive int (or integer-like, e.g. ``numpy.int64``); ``dtype``: a real
+    floating-point ``torch.dtype``, default the compute dtype of ``model``; ``generator``: a
+    ``torch.Generator`` on any device but ``meta`` (``Ω`` is drawn there and moved to the model's
+    device); ``example_input`` is passed to :func:`trace`. The model is not changed (its buffers,
+    training flags, parameters, gradients and hooks are as before, also when ``sample`` raises).
+    A width whose weights cannot fit in the device's memory is refused before anything is drawn.
     """
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"pinet.sample: width must be a positive int, got {width!r}")
+    width = _check_width(width)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(
+            "pinet.sample: dtype must be a real floating-point torch.dtype (torch.float16, torch.bfloat16, "
+            f"torch.float32 or torch.float64) or None, got {dtype!r}"
+        )
+    _check_generator(generator)
     flow = trace(model, example_input)
     ranks = sorted(set(flow.ranks.values()))
     if ranks and width < ranks[-1]:
         raise ValueError(f"pinet.sample: width must be at least r={ranks[-1]} (the rank; ΩᵀΩ must be invertible), got {width}")
     dtype = dtype or _compute_dtype(flow)
-    device = generator.device if generator is not None else next(model.parameters()).device
-    omegas = _draw_omegas(flow, width, generator, device, dtype)
+    device = next(model.parameters()).device
+    draw_device = generator.device if generator is not None else device
+    _check_memory(flow, width, device, dtype)  # what the result keeps lives on the model's device
+    omegas = _draw_omegas(flow, width, generator, draw_device, device, dtype)
     layers = finite_layers(flow, omegas, dtype)
     assemble = getattr(model, "_assemble_finite", None)
     if assemble is not None:

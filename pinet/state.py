@@ -123,14 +123,16 @@ class PiState(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("r_in", r_in), ("r_out", r_out)):
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"PiState: {name} must be a positive int, got {v!r}")
+        r_in, r_out = int(r_in), int(r_out)  # numpy integers pass the check
         if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth > 1.0 or growth == math.inf:
             raise ValueError(f"PiState: growth must be a finite number > 1, got {growth!r}")
         _check_dtype("PiState", dtype)
         _check_dtype("PiState", coef_dtype, "coef_dtype")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 0:
             raise ValueError(f"PiState: capacity must be a non-negative int, got {capacity!r}")
+        capacity = int(capacity)
         dtype = dtype or torch.get_default_dtype()
         coef_dtype = coef_dtype or _coef_dtype(dtype)
         if coef_dtype in _HALF:

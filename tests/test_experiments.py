@@ -153,6 +153,163 @@ def test_refused_resume_leaves_no_empty_save_dir(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+TINY = "--train-subset 64 --test-subset 32 --r 8 --batch-size 16 --epochs 1 --no-progress".split()
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_resume_with_an_explicit_empty_save_dir_writes_nothing(tmp_path, monkeypatch, capsys):
+    # --save-dir "" used to count as "not given" (it is the parser's "empty" value) and the resumed
+    # run then replaced the files of the run it resumed from, its checkpoint included.
+    run = tmp_path / "run1"
+    train.main(TINY + ["--save-dir", str(run)])
+    before = _files(run)
+    monkeypatch.chdir(tmp_path)  # a relative output/train would show up here
+    capsys.readouterr()
+    train.main(["--resume", str(run / "checkpoint.pt"), "--epochs", "2", "--save-dir", "", "--no-progress"])
+    out = capsys.readouterr().out
+    assert any(line.split()[:1] == ["2"] for line in out.splitlines()), out  # epoch 2 was trained
+    assert "wrote" not in out
+    assert _files(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run1"]
+
+
+def test_resume_honours_an_explicit_save_dir_equal_to_the_default(tmp_path, monkeypatch):
+    run = tmp_path / "run1"
+    train.main(TINY + ["--save-dir", str(run)])
+    before = _files(run)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    default = train.build_parser().get_default("save_dir")
+    assert default  # the case this test is about: a non-empty default typed out
+    train.main(["--resume", str(run / "checkpoint.pt"), "--epochs", "2", "--save-dir", default, "--no-progress"])
+    assert [int(r["epoch"]) for r in _log(elsewhere / default / "log.csv")] == [1, 2]
+    assert _files(run) == before
+
+
+def test_resume_refuses_an_explicit_flag_equal_to_its_default(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run1"
+    default_lr = train.build_parser().get_default("lr")
+    train.main(TINY + ["--save-dir", str(run), "--lr", str(default_lr / 2)])
+    before = _files(run)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run / "checkpoint.pt"), "--epochs", "2", "--lr", str(default_lr)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--lr {default_lr} conflicts with the checkpoint (--lr {default_lr / 2}); a resumed run "
+                        "keeps its training flags (only --epochs, --save-dir and output flags may change)"), err
+    assert len(err.splitlines()) == 1
+    assert _files(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run1"]
+
+
+def test_given_dests_sees_typed_flags_whatever_their_value():
+    from experiments.common import given_dests
+    from experiments.imagenet import transfer_imagenet
+
+    for parser in (train.build_parser(), transfer_imagenet.build_parser()):  # the latter: set_defaults(seed=1)
+        defaults = vars(parser.parse_args([]))
+        d = parser.get_default
+        argv = ["--lr", str(d("lr")), "--pi-rank", "8", "--save-dir", "", "--float64", "--no-apply-lr-mult-to-wd"]
+        assert given_dests(parser, argv) == {"lr", "r", "save_dir", "float64", "apply_lr_mult_to_wd"}
+        assert given_dests(parser, []) == set()
+        assert vars(parser.parse_args([])) == defaults  # the parser's defaults are restored
+
+
+def test_transfer_resume_merge_counts_typed_flags(tmp_path):
+    # experiments.imagenet.transfer_imagenet merges its resumed flags the same way (without data here).
+    from experiments.common import CLIError, given_dests
+    from experiments.imagenet import transfer_imagenet
+
+    parser = transfer_imagenet.build_parser()
+    saved = vars(parser.parse_args(["--lr", "0.5"])) | {"width": 0}  # as _check saves an infinite net
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+
+    def merge(*argv):
+        argv = ["--resume", ckpt, *argv]
+        return transfer_imagenet._merge_resume(parser, parser.parse_args(argv), saved, given_dests(parser, argv))
+
+    assert merge().save_dir == str(tmp_path / "run") and merge().width is None and merge().lr == 0.5
+    assert merge("--save-dir", "").save_dir == ""
+    assert merge("--epochs", str(parser.get_default("epochs"))).epochs == parser.get_default("epochs")
+    with pytest.raises(CLIError, match=r"--lr 2.0 conflicts with the checkpoint \(--lr 0.5\)"):
+        merge("--lr", str(parser.get_default("lr")))
+    with pytest.raises(CLIError, match=r"--width 16 conflicts with the checkpoint \(--width 0\)"):
+        merge("--width", "16")
+
+
+META = ["x", "--dataset", "digits", "--first-order", "--adapt-readout-only", "--num-epochs", "1", "--num-batches",
+        "1", "--num-test-batches", "1", "--batch-size", "2", "--infnet-r", "4", "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (["--first-layer-lr-mult", "-1"], "--first-layer-lr-mult must be a finite number >= 0, got -1.0"),
+        (["--last-layer-lr-mult", "-0.5"], "--last-layer-lr-mult must be a finite number >= 0, got -0.5"),
+        (["--bias-lr-mult", "-1"], "--bias-lr-mult must be a finite number >= 0, got -1.0"),
+        (["--bias-lr-mult", "nan"], "--bias-lr-mult must be finite, got nan"),
+        (["--grad-clip", "inf"], "--grad-clip must be finite, got inf"),
+        (["--lr-drop-ratio", "-1", "--scheduler", "exp"], "--lr-drop-ratio must be a finite number >= 0, got -1.0"),
+        (["--varw", "-1", "--gp"], "--varw must be a finite number >= 0, got -1.0"),
+        (["--varb", "-1", "--ntk"], "--varb must be a finite number >= 0, got -1.0"),
+        (["--sigma1", "nan", "--gp1lp"], "--sigma1 must be finite, got nan"),
+        (["--sigmab", "inf", "--ntk1lp"], "--sigmab must be finite, got inf"),
+    ],
+)
+def test_meta_train_bad_multipliers_clip_and_kernel_flags_are_one_line_errors(tmp_path, capsys, bad, msg):
+    # The lr multipliers, --varw/--varb and the kernel flags' NaNs were tracebacks (exit 1) from
+    # pinet.optim.param_groups or the kernels (--grad-clip <= 0 is the reference's "no clipping").
+    from experiments.meta import train as meta_train
+
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        meta_train.main(META + ["--output-folder", str(out), *bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m experiments.meta.train: error: {msg}", err
+    assert not out.exists()
+
+
+def test_meta_train_grad_clip_off_is_the_reference_default_and_clips_nothing(tmp_path):
+    from experiments.meta import train as meta_train
+
+    assert meta_train.build_parser().get_default("grad_clip") == -1.0  # the reference's default: off
+    for off in ("0", "-1"):
+        args = meta_train.build_parser().parse_args(META + ["--grad-clip", off])
+        model = meta_train.build_model(args, 64, torch.device("cpu"))
+        opt, _ = meta_train.build_optimizer(args, model, 1)
+        assert not any(isinstance(h, pinet.hooks.ClipGradNorm) for h in opt.hooks)
+    args.grad_clip = 0.5
+    opt, _ = meta_train.build_optimizer(args, model, 1)
+    assert [h.max_norm for h in opt.hooks if isinstance(h, pinet.hooks.ClipGradNorm)] == [0.5]
+
+
+def test_negative_lr_multipliers_and_clip_are_refused_by_every_training_cli(tmp_path, capsys):
+    from experiments.imagenet import transfer_imagenet
+
+    runs = [
+        lambda *bad: train.main(TINY + ["--save-dir", str(tmp_path / "never"), *bad]),
+        lambda *bad: cifar10mlp.main(["--data", str(tmp_path / "nodata"), "--save-dir", str(tmp_path / "never"), *bad]),
+        lambda *bad: transfer_imagenet.main(["--imagenet-data", str(tmp_path / "nodata"),
+                                             "--save-dir", str(tmp_path / "never"), *bad]),  # fmt: skip
+        lambda *bad: compare.main(["--out", str(tmp_path / "never" / "c.md"), *bad]),
+    ]
+    for run in runs:
+        for bad in (["--first-layer-lr-mult", "-1"], ["--last-layer-lr-mult", "-1"], ["--bias-lr-mult", "-1"],
+                    ["--gclip", "-0.5"], ["--gclip", "nan"]):  # fmt: skip
+            with pytest.raises(SystemExit) as e:
+                run(*bad)
+            assert e.value.code == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert f"argument {bad[0]}: must be a finite number >= 0" in err[-1] and not any("Traceback" in x for x in err)
+    assert not (tmp_path / "never").exists()
+
+
 # ------------------------------------------------------------------------------------------ CIFAR-10
 REFERENCE = (  # the command of the reference README (seeds/000_*), minus --cuda
     "--lr 1.0 --gclip-per-param --gclip 0.4 --lr-drop-ratio 0.15 --lr-drop-milestones 40 "
@@ -216,8 +373,21 @@ def test_cifar10_other_flags(tiny_cifar):
     assert len(_log(out / "log.csv")) == 1
     # Without --float the π-rows are stored in float16 (the reference default), computed in float32.
     half = str(out / "half")
-    cifar10mlp.main(["--data", data, "--save-dir", half, "--save-model", "--r", "8", "--epochs", "1"])
+    cifar10mlp.main(["--data", data, "--save-dir", half, "--save-model", "--r", "8", "--epochs", "1",
+                     "--gclip", "0.4", "--gclip-per-param"])  # fmt: skip
     assert torch.load(out / "half" / "model.pt", weights_only=True)["layers.1.state.A"].dtype == torch.float16
+
+
+def test_cifar10_half_rows_that_overflow_are_a_one_line_error(tiny_cifar, capsys):
+    # lr 1 without clipping diverges on this data: by step 5 the π-rows pass float16's 65504. They
+    # used to be stored as inf (and the run went on in NaN); now the step is refused and reported.
+    out = tiny_cifar / "half"
+    with pytest.raises(SystemExit) as e:
+        cifar10mlp.main(["--data", str(tiny_cifar / "data"), "--save-dir", str(out), "--r", "8", "--epochs", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "training diverged in epoch 1, step" in err and "beyond the range of the torch.float16 store" in err
 
 
 def test_cifar10_missing_data_and_cuda_are_one_line_errors(tmp_path, capsys):

@@ -191,3 +191,15 @@ def test_cuda_forward_backward_matches_cpu():
     yc = net(x.cuda())
     yc.sum().backward()
     assert torch.allclose(yc.cpu(), y)
+
+
+def test_numpy_integer_sizes_are_sizes():
+    # A width from np.arange or a config array used to be refused ("must be a positive int, got
+    # np.int64(32)"); bool still is not a size.
+    import numpy as np
+
+    net = pinet.InfPiMLP(np.int64(6), np.int64(3), np.int64(4), 1)
+    fin = net.sample(np.int64(32))
+    assert type(fin.width) is int and fin.width == 32 and type(net.r) is int
+    with pytest.raises(ValueError, match="width must be a positive int, got True"):
+        net.sample(True)

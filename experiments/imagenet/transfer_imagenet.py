@@ -32,12 +32,12 @@ import torch
 
 import pinet
 from experiments.common import (
-    _CHANGEABLE,
     _CLI_ONLY,
     CHECKPOINT_FORMAT,
     CLIError,
     _check_checkpoint,
     _load,
+    _merge_resume_args,
     _plain_args,
     _rng_state,
     _save,
@@ -50,6 +50,7 @@ from experiments.common import (
     evaluate,
     format_header,
     format_row,
+    given_dests,
     load_model_file,
     make_loss,
     precision,
@@ -266,30 +267,16 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         bad("--quiet", "not allowed together with --verbose or --human")
 
 
-def _merge_resume(parser, args, saved: dict) -> argparse.Namespace:
+def _merge_resume(parser, args, saved: dict, given: set[str]) -> argparse.Namespace:
     """As experiments.common's resume merge, with this command's data and transfer flags CLI-only."""
-    merged = argparse.Namespace(**vars(args))
-    cli_only = _CLI_ONLY | _TRANSFER_CLI_ONLY
-    for key, old in saved.items():
-        if key in cli_only or not hasattr(args, key):
-            continue
-        new = getattr(args, key)
-        explicit = new != parser.get_default(key)
-        if key in _CHANGEABLE and explicit:
-            continue
-        if key == "width" and new is None:
-            explicit = False
-        if explicit and new != old:
-            flag = "--" + key.replace("_", "-")
-            raise CLIError(
-                f"{flag} {new} conflicts with the checkpoint ({flag} {old}); a resumed run keeps its "
-                "training flags (only --epochs, --save-dir, data, transfer and output flags may change)"
-            )
+    merged = _merge_resume_args(
+        parser, args, saved, given, cli_only=_CLI_ONLY | _TRANSFER_CLI_ONLY,
+        changeable="only --epochs, --save-dir, data, transfer and output flags may change",
+    )  # fmt: skip
+    if "width" not in given and merged.width == 0:
         # The infinite net is saved as width 0 (what _check makes of an absent --width); it resumes
         # as an absent --width again, which _check turns back into 0.
-        setattr(merged, key, None if key == "width" and old == 0 else old)
-    if not (args.save_dir and args.save_dir != parser.get_default("save_dir")):
-        merged.save_dir = os.path.dirname(os.path.abspath(args.resume))
+        merged.width = None
     return merged
 
 
@@ -633,7 +620,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     f"{args.resume} has no {', '.join(map(repr, missing))} entry: it cannot be resumed exactly"
                 )
             _check_checkpoint(checkpoint, args.resume)  # RNG state, epoch and history, as train's resume
-            args = _merge_resume(parser, args, checkpoint["args"])
+            args = _merge_resume(parser, args, checkpoint["args"], given_dests(parser, argv))
         _check(parser, args)
         if args.save_dir:
             check_output_dir("--save-dir", args.save_dir)

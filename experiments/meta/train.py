@@ -153,9 +153,16 @@ def check_args(args) -> None:
     if args.dtype not in ("float64", "float32", "float16"):
         raise CLIError(f"--dtype must be float64, float32 or float16, got {args.dtype!r}")
     for flag in ("step_size", "meta_lr", "meta_momentum", "bias_alpha", "last_bias_alpha", "first_layer_alpha",
-                 "first_layer_lr_mult", "last_layer_lr_mult", "bias_lr_mult", "grad_clip", "lr_drop_ratio"):  # fmt: skip
+                 "first_layer_lr_mult", "last_layer_lr_mult", "bias_lr_mult", "grad_clip", "lr_drop_ratio",
+                 "sigma1", "sigma2", "sigmab", "varw", "varb"):  # fmt: skip
         if not math.isfinite(getattr(args, flag)):
-            raise CLIError(f"--{flag.replace('_', '-')} must be finite")
+            raise CLIError(f"--{flag.replace('_', '-')} must be finite, got {getattr(args, flag)}")
+    # A negative learning-rate multiplier or schedule factor would ascend the meta-loss; a negative
+    # variance has no kernel. pinet.optim.param_groups and the kernels would refuse them only later,
+    # as tracebacks (an "exp" schedule takes a root of the factor, complex for a negative one).
+    for flag in ("first_layer_lr_mult", "last_layer_lr_mult", "bias_lr_mult", "lr_drop_ratio", "varw", "varb"):
+        if getattr(args, flag) < 0:
+            raise CLIError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
     if not 0 <= args.seed < 2**63 - 8:  # torch seeds are 64-bit; the run derives seed + 1 ... seed + 3
         raise CLIError(f"--seed must be an int in [0, 2**63 - 8), got {args.seed}")
     if args.num_shots_test == 0:

@@ -74,6 +74,8 @@ _setting = "auto"
 
 
 def _check_name(name: str) -> None:
+    if not isinstance(name, str):  # a tensor or list would give a confusing `in` comparison
+        raise TypeError(f"pinet.kernels: backend must be a str, one of {BACKENDS}, got {type(name).__name__}")
     if name not in BACKENDS:
         raise ValueError(f"pinet.kernels: backend must be one of {BACKENDS}, got {name!r}")
 
@@ -143,9 +145,17 @@ def backend(device: torch.device | str = "cpu") -> str:
     e.g. ``"fused"`` on an x86-64 CPU with AVX2 and g++. With a forced backend that is its name.
     ``"native"`` and ``"fused"`` compute float32 CPU tensors only, anything else with torch's
     products; ``"triton"`` refuses CPU tensors outside the interpreter."""
+    if not isinstance(device, torch.device):  # pi_layer passes a torch.device: nothing to parse then
+        # Parsed under every setting, so a bad device fails alike whether or not a backend is forced.
+        if not isinstance(device, str):
+            raise TypeError(f"pinet.kernels.backend: device must be a torch.device or str, got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"pinet.kernels.backend: device must name a torch device, got {device!r} ({e})") from None
     if _setting != "auto":
         return _setting
-    kind = torch.device(device).type
+    kind = device.type
     if kind not in _auto_choice:  # decided once per process (the fused kernel is built now)
         _auto_choice[kind] = next(n for n in (*_AUTO.get(kind, ()), "torch") if unavailable_reason(n) is None)
     return _auto_choice[kind]
@@ -186,6 +196,9 @@ def pi_layer(
     except inside :func:`torch.compile`, where the product is the custom operator of
     :mod:`pinet.kernels.ops`).
     """
+    if not isinstance(layernorm, bool):
+        # A truthy string ("no") or None would silently pick a branch, differently per backend.
+        raise TypeError(f"pinet.kernels.pi_layer: layernorm must be a bool, got {layernorm!r}")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
     ):
@@ -233,7 +246,12 @@ def thin_matmul(x: Tensor, W: Tensor) -> Tensor:
     the finite input layer of a π-net computes. On the ``"fused"`` backend, for float32 CPU
     tensors, a contiguous ``W`` and ``b ≤`` :data:`THIN_ROWS`, the product and its weight gradient
     ``xᵀ δ`` run in the fused library (at 3072 × 400, 0.26 and 0.39 ms against MKL's 0.61 and 0.68
-    after a 64 MB read); otherwise torch's ``@``. Results agree to float32 rounding."""
+    after a 64 MB read); otherwise torch's ``@``. Results agree to float32 rounding.
+
+    ``x`` and ``W`` must be real floating-point tensors of one dtype on one device (what torch's
+    ``@`` requires); anything else raises a ``TypeError`` or ``ValueError`` naming the argument,
+    on every backend."""
+    _check_thin(x, W)
     if (
         x.dtype == torch.float32 and W.dtype == torch.float32 and x.dim() == 2 and W.dim() == 2
         and 0 < x.shape[0] <= THIN_ROWS and x.shape[1] == W.shape[0] and W.is_contiguous()
@@ -248,10 +266,17 @@ def thin_matmul(x: Tensor, W: Tensor) -> Tensor:
 
 def rows_sqnorm(A: Tensor, B: Tensor, coef: Tensor | None = None) -> Tensor:
     """``‖Δ‖² = Σ_ij coef_i coef_j (A_i · A_j) J(B_i · B_j)`` of the π-rows ``A`` (k, r_out), ``B``
-    (k, r), ``coef`` (k,) (0-dim tensor): what :func:`pinet.functional.pi_rows_sqnorm` computes,
-    in one fused call (summed in double) on the ``"fused"`` backend for float32 CPU rows that need
-    no gradient, by that function's torch ops otherwise. The optimizer's norms and clipping read it
-    for every π-layer every step."""
+    (k, r), ``coef`` (k,) or ``None`` (unit coefficients) -> a 0-dim tensor: what
+    :func:`pinet.functional.pi_rows_sqnorm` computes, in one fused call (summed in double) on the
+    ``"fused"`` backend for float32 CPU rows that need no gradient, by that function's torch ops
+    otherwise. The optimizer's norms and clipping read it for every π-layer every step.
+
+    The result is in ``coef``'s dtype (``A``'s without ``coef``), except that float16 and bfloat16
+    are computed and returned in float32 (as :func:`pinet.hooks.grad_sqnorms` does for tensors: a
+    half sum of k² terms loses most digits and overflows at 65504), on every backend. ``A``, ``B``
+    and ``coef`` must be real floating-point tensors on one device with one row count ``k``.
+    """
+    _check_rows(A, B, coef)
     f32 = torch.float32
     if (
         A.dtype == f32 and B.dtype == f32 and (coef is None or coef.dtype == f32)
@@ -264,7 +289,55 @@ def rows_sqnorm(A: Tensor, B: Tensor, coef: Tensor | None = None) -> Tensor:
         # Checked here, so the fused library's raw-pointer entry is called without its own checks.
         c = None if coef is None else coef.contiguous()
         return native.rows_sqnorm_unchecked(A.contiguous(), B.contiguous(), c)
+    if coef is not None and coef.dtype in _HALF:
+        coef = coef.to(f32)  # pi_rows_sqnorm computes in coef's dtype; A and B follow it
+    elif coef is None and A.dtype in _HALF:
+        A = A.to(f32)  # ... or in A's without coef
     return pi_rows_sqnorm(A, B, coef)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_real(where: str, name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():  # integers, bool and complex (is_floating_point is False for them)
+        raise TypeError(f"{where}: {name} must be a real floating-point tensor, got {t.dtype}")
+
+
+def _check_rows(A, B, coef) -> None:
+    # Cheap metadata checks (the optimizer calls this every step): no pass over the rows.
+    where = "pinet.kernels.rows_sqnorm"
+    _check_real(where, "A", A)
+    _check_real(where, "B", B)
+    if coef is not None:
+        _check_real(where, "coef", coef)
+    k = A.shape[0] if A.dim() == 2 else None
+    # A coef of shape (1,) would broadcast over the k rows and give a wrong norm, silently.
+    if k is None or B.dim() != 2 or B.shape[0] != k or (coef is not None and tuple(coef.shape) != (k,)):
+        raise ValueError(
+            f"{where}: expected A (k, r_out), B (k, r) and coef (k,) or None with one k, got "
+            f"A {tuple(A.shape)}, B {tuple(B.shape)}, coef {None if coef is None else tuple(coef.shape)}"
+        )
+    devices = {A.device, B.device} | ({coef.device} if coef is not None else set())
+    if len(devices) > 1:
+        raise ValueError(
+            f"{where}: A, B and coef must be on one device, got {A.device}, {B.device}"
+            + ("" if coef is None else f", {coef.device}")
+        )
+
+
+def _check_thin(x, W) -> None:
+    where = "pinet.kernels.thin_matmul"
+    _check_real(where, "x", x)
+    _check_real(where, "W", W)
+    if x.dim() != 2 or W.dim() != 2 or x.shape[1] != W.shape[0]:
+        raise ValueError(f"{where}: expected x (b, d) and W (d, r) with one d, got x {tuple(x.shape)}, W {tuple(W.shape)}")
+    if x.dtype != W.dtype:
+        raise TypeError(f"{where}: x and W must have one dtype, got {x.dtype} and {W.dtype}")
+    if x.device != W.device:
+        raise ValueError(f"{where}: x and W must be on one device, got {x.device} and {W.device}")
 
 
 def _check_tensors(g, A, B, c) -> None:

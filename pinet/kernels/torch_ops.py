@@ -32,9 +32,19 @@ def torch_reduce(out: Tensor, V: Tensor, X: Tensor) -> None:
 
 
 def native_reduce(out: Tensor, V: Tensor, X: Tensor) -> None:
-    """``out += Vᵀ X``: pinet's AVX2 kernel for float32 CPU tensors, ``addmm_`` otherwise."""
+    """``out += Vᵀ X``: pinet's AVX2 kernel for float32 CPU tensors, ``addmm_`` otherwise.
+
+    The kernel reads raw row-major pointers; a non-contiguous ``X`` (a block of a transposed
+    ``A`` or ``B`` the caller passed) or ``out`` (the gradient of a transposed ``g`` keeps its
+    strides) is made contiguous here, so the native backend accepts what the others do. A
+    layer's state rows and the forward's outputs are contiguous: nothing is copied in training."""
     if out.dtype == torch.float32 and out.device.type == "cpu":
-        native.reduce_into(out, V, X)
+        if not X.is_contiguous():
+            X = X.contiguous()
+        if out.is_contiguous():
+            native.reduce_into(out, V, X)
+        else:
+            out.copy_(native.reduce_into(out.contiguous(), V, X))
     else:
         out.addmm_(V.T, X)
 

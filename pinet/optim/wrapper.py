@@ -247,11 +247,13 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
             # A sharded state (pinet.distributed) keeps its share of the replicated new rows.
             try:
                 keep = st.append(rows.A, rows.B, check_finite=False)  # finite: step() checked their norm
-            except ValueError as e:  # rows beyond the range of a half-precision store
-                raise ValueError(
-                    f"PiOptimizerWrapper.step: the π-rows of {name!r} cannot be stored: {e} (a loss scaled by "
-                    "a large factor makes them large; store the rows in float32 or lower the scale); the step "
-                    "was not applied"
+            except ValueError as e:
+                # Finite rows beyond a half-precision store's range: like a non-finite gradient, a
+                # floating-point failure of training (a diverging run, a large loss scale), and
+                # reported as one (the training CLIs turn it into "training diverged ...").
+                raise FloatingPointError(
+                    f"PiOptimizerWrapper.step: the π-rows of {name!r} cannot be stored: {e} (lower the learning "
+                    "rate or the loss scale, clip, or store the rows in float32); the step was not applied"
                 ) from e
             appended[name] = rows.rows
             g = torch.zeros_like(st.c)
