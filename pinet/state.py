@@ -358,9 +358,16 @@ class PiState(nn.Module):
         if c.dtype in _HALF:
             c = c.float()
         self._c = c
-        self.c.data = self._c[: self._M]
-        if self.c.grad is not None:
-            grad = fn(self.c.grad)
+        view = self._c[: self._M]
+        grad = self.c.grad
+        if torch._has_compatible_shallow_copy_type(self.c, view):
+            self.c.data = view
+        else:
+            # Another tensor type (to or from the meta device): `.data =` refuses it, and, as
+            # torch's own Module._apply does there, the parameter is replaced by a new one.
+            self.c = nn.Parameter(view, requires_grad=self.c.requires_grad)
+        if grad is not None:
+            grad = fn(grad)
             self.c.grad = grad.to(c.dtype) if grad.dtype != c.dtype else grad
         self.clear_pending()
         return self

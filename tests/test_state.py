@@ -334,3 +334,17 @@ def test_finite_states_and_nets_accept_half_precision(half):
     assert net(x).dtype == half and bool(torch.isfinite(net(x)).all())
     inf = pinet.InfPiMLP(d_in=6, d_out=3, r=4, depth=1)
     assert next(pinet.sample(inf, 32, dtype=half).parameters()).dtype == half
+
+
+def test_to_meta_and_back_moves_every_store_and_coefficient():
+    # `.data =` refuses another tensor type: .to("meta") used to fail half-way, leaving some
+    # layers on meta and the coefficients on the CPU.
+    net = pinet.InfPiMLP(4, 3, 4, 1)
+    rows = [l.state.rows for l in net.pi_layers]
+    net.to("meta")
+    assert {p.device.type for p in net.parameters()} == {"meta"}
+    assert all(l.state.A.is_meta and l.state.B.is_meta for l in net.pi_layers)
+    assert [l.state.rows for l in net.pi_layers] == rows and all(p.requires_grad for p in net.parameters())
+    net.to_empty(device="cpu")  # materialise, as for deferred initialisation
+    assert {p.device.type for p in net.parameters()} == {"cpu"}
+    assert all(l.state.c.shape == (m,) and l.state.A.device.type == "cpu" for l, m in zip(net.pi_layers, rows))
