@@ -52,6 +52,28 @@ def _check_tensor(key: str, v, problems: list[str]) -> bool:
     return True
 
 
+def unit_row_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 the norm of a stored unit row ``B_i`` may be: 1e-4 for float32 and wider
+    (rounding of a normalised row of a few thousand entries is ~1e-6), 4 eps for float16 (4e-3)
+    and bfloat16 (3e-2), whose rounding of each entry moves the norm by up to eps / 2."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
+def _check_unit_rows(where: str, B: Tensor) -> None:
+    # The π-formula's cosines are ḡ · B_i for unit rows (zero rows come from a zero input); any
+    # other norm is clamped into [-1, 1] by J and silently gives another function.
+    if B.numel() == 0:
+        return
+    norms = torch.linalg.vector_norm(B, dim=1, dtype=torch.float32 if B.dtype in _HALF else None)
+    off = torch.where(norms == 0, torch.zeros_like(norms), (norms - 1).abs())
+    worst = int(off.argmax())
+    if float(off[worst]) > unit_row_tolerance(B.dtype):
+        raise ValueError(
+            f"{where} rows must be unit vectors (or zero): row {worst} has norm {float(norms[worst]):.6g} "
+            f"(tolerance {unit_row_tolerance(B.dtype):.1g} for {B.dtype}); nothing was appended"
+        )
+
+
 def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
     # Coefficients accumulate -lr * (1 - lr*wd)^t products over the whole run: never below fp32.
     return torch.float32 if dtype in _HALF else dtype
@@ -268,6 +290,8 @@ class PiState(nn.Module):
                     f"{', '.join(f'{torch.finfo(store[n]).max:.6g}' for n in over)}), which would be stored as inf; "
                     "nothing was appended"
                 )
+        if check_finite and not self._A.is_meta:
+            _check_unit_rows("append: B_new", cast["B_new"])
         A_new, B_new, c_new = cast["A_new"], cast["B_new"], cast["c_new"]
         keep = slice(None)
         shard = self.shard

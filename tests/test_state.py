@@ -348,3 +348,19 @@ def test_to_meta_and_back_moves_every_store_and_coefficient():
     net.to_empty(device="cpu")  # materialise, as for deferred initialisation
     assert {p.device.type for p in net.parameters()} == {"cpu"}
     assert all(l.state.c.shape == (m,) and l.state.A.device.type == "cpu" for l, m in zip(net.pi_layers, rows))
+
+
+def test_append_refuses_rows_b_that_are_not_unit():
+    # J clamps the cosines ḡ · B_i into [-1, 1]: a B row of another norm silently computes another
+    # function. Zero rows (from a zero input) and float16 rounding are fine.
+    st = PiState(4, 3, dtype=D)
+    A, B, c = _rows(3)
+    with pytest.raises(ValueError, match=r"append: B_new rows must be unit vectors \(or zero\): row 1 has norm 3 "):
+        st.append(A, torch.cat([B[:1], 3 * B[1:2], B[2:]]), c)
+    assert st.rows == 0
+    st.append(A, torch.cat([B[:2], torch.zeros(1, 4, dtype=D)]), c)
+    half = PiState(400, 3, dtype=torch.float16)
+    rows = torch.nn.functional.normalize(torch.randn(8, 400), dim=1)
+    half.append(torch.randn(8, 3), rows)  # rounded to float16: norms within 4 eps of 1
+    st.append(A, 3 * B, c, check_finite=False)  # the caller vouches for them (the wrapper's own rows)
+    assert st.rows == 6

@@ -217,6 +217,30 @@ class OnlyGrads(GradHook):
         return grads
 
 
+class PiRowsOnly(GradHook):
+    """Scales the π-rows and forgets the tensors: those used to be stepped with their raw .grad."""
+
+    def update(self, grads, state, ctx):
+        return {k: g.scale(0.0) for k, g in grads.items() if isinstance(g, PiRows)}, state
+
+
+class HalfGrads(GradHook):
+    def update(self, grads, state, ctx):
+        return {k: (g if isinstance(g, PiRows) else g.half()) for k, g in grads.items()}, state
+
+
+class MetaGrads(GradHook):
+    def update(self, grads, state, ctx):
+        return {k: (g if isinstance(g, PiRows) else g.to("meta")) for k, g in grads.items()}, state
+
+
+class LongRows(GradHook):
+    """B rows of norm 2: J would clamp their cosines into [-1, 1], another function silently."""
+
+    def update(self, grads, state, ctx):
+        return {k: (PiRows(g.A, 2 * g.B, g.coef) if isinstance(g, PiRows) else g) for k, g in grads.items()}, state
+
+
 @pytest.mark.parametrize(
     "hook, error, match",
     [
@@ -227,6 +251,10 @@ class OnlyGrads(GradHook):
         (ForeignKey(), ValueError, r"ForeignKey: returned a gradient for 'not\.a\.param', which is not a parameter"),
         (IntegerGrads(), TypeError, r"IntegerGrads: 'layers\.0\.A' \(grad\) has dtype torch\.int64"),
         (OnlyGrads(), TypeError, r"OnlyGrads\.update must return \(grads, state\), got dict"),
+        (PiRowsOnly(), ValueError, r"PiRowsOnly: dropped the gradients of \['layers\.0\.A', .*\]; a hook returns every gradient"),
+        (HalfGrads(), TypeError, r"HalfGrads: gradient of 'layers\.0\.A' has dtype torch\.float16, the parameter torch\.float64"),
+        (MetaGrads(), ValueError, r"MetaGrads: 'layers\.0\.A' \(grad\) is on meta, the parameter on cpu"),
+        (LongRows(), ValueError, r"LongRows: π-rows for 'layers\.1\.state': B rows must be unit vectors \(or zero\): row \d+ has norm 2"),
     ],
 )
 def test_bad_hook_output_is_refused_before_anything_is_written(hook, error, match):
@@ -241,6 +269,25 @@ def test_bad_hook_output_is_refused_before_anything_is_written(hook, error, matc
     _backward(net)
     before = _everything(net, opt)
     with pytest.raises(error, match=match):
+        opt.step()
+    _same(before, _everything(net, opt))
+
+
+def test_optimizer_state_of_the_whole_layer_is_refused_on_a_shard():
+    # Built before pinet.distributed.shard(), the optimizer's per-row state has the whole layer's
+    # rows: it used to be cut to this process's first rows, pairing momentum with other rows.
+    net = _net()
+    opt = _opt(net)
+    _train(net, opt, 2)
+    opt.zero_grad()
+    _backward(net)
+    st = net.pi_layers[0].state
+    st.shard = pinet.state.ShardInfo(None, 0, 2, 2 * st.rows)  # as if this rank held half the rows
+    st.truncate(st.rows // 2, 2 * (st.rows // 2))
+    before = _everything(net, opt)
+    with pytest.raises(RuntimeError, match=r"the optimizer state 'momentum_buffer' of 'layers\.1\.state\.c' has \d+ "
+                       r"rows but this process holds \d+ rows of the sharded layer; build the optimizer \(and the "
+                       r"wrapper\) after pinet\.distributed\.shard\(model\)"):
         opt.step()
     _same(before, _everything(net, opt))
 

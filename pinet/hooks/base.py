@@ -20,7 +20,7 @@ from typing import Any, Union
 from torch import Tensor, nn
 
 from ..rows import PiRows
-from ..state import FinPiState, PiState, owned_parameters
+from ..state import FinPiState, PiState, _check_unit_rows, owned_parameters
 
 __all__ = ["Grads", "HookContext", "GradHook", "Chain", "chain"]
 
@@ -149,10 +149,20 @@ class Chain(GradHook):
                     f"{type(hook).__name__}.update must return (grads, state), got "
                     f"{type(result).__name__}{'' if not isinstance(result, tuple) else f' of length {len(result)}'}"
                 )
+            given = grads
             grads, states[i] = result
             if grads is None:
                 break
             check_grads(grads, ctx, where=type(hook).__name__, checked=checked)
+            if isinstance(given, dict):
+                dropped = [k for k in given if k not in grads]
+                if dropped:
+                    # The wrapper commits only the gradients the chain returns: a dropped one would be
+                    # stepped with its raw, unhooked .grad (a clipping hook written so is bypassed).
+                    raise ValueError(
+                        f"{type(hook).__name__}: dropped the gradients of {dropped}; a hook returns every "
+                        "gradient it was given (to leave a parameter alone, set requires_grad=False on it)"
+                    )
             checked = grads
         return grads, tuple(states)
 
@@ -198,6 +208,12 @@ def check_grads(grads: Grads, ctx: HookContext, where: str = "hook", checked: Gr
                     f"has ({st.r_in}, {st.r_out})"
                 )
             parts = {"A": g.A, "B": g.B, "coef": g.coef}
+            target = st.c
+            before = checked.get(name) if checked else None
+            if isinstance(before, PiRows) and g.B is not before.B and g.B.device == st.c.device:
+                # A hook made new B rows (capture's are unit by construction, and scaling keeps B):
+                # the wrapper stores them unchecked, and J would silently clamp other norms.
+                _check_unit_rows(f"{where}: π-rows for {name!r}: B", g.B.detach())
         elif isinstance(g, Tensor):
             p = ctx.params.get(name)
             if p is None:
@@ -207,8 +223,14 @@ def check_grads(grads: Grads, ctx: HookContext, where: str = "hook", checked: Gr
                     f"{where}: gradient of {name!r} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}"
                 )
             parts = {"grad": g}
+            target = p
         else:
             raise TypeError(f"{where}: gradient of {name!r} must be a Tensor or PiRows, got {type(g).__name__}")
         for part, t in parts.items():
             if not t.is_floating_point():
                 raise TypeError(f"{where}: {name!r} ({part}) has dtype {t.dtype}; gradients must be floating point")
+            if t.device != target.device:
+                raise ValueError(f"{where}: {name!r} ({part}) is on {t.device}, the parameter on {target.device}")
+        if isinstance(g, Tensor) and g.dtype != target.dtype:
+            # torch refuses to assign it ("attempting to assign a gradient with dtype ...").
+            raise TypeError(f"{where}: gradient of {name!r} has dtype {g.dtype}, the parameter {target.dtype}")

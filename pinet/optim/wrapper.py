@@ -151,6 +151,17 @@ class PiOptimizerWrapper(torch.optim.Optimizer):
         # `state.c` itself (not through pinet.layers.pi_product): SGD on it is not the π-update.
         for name, st in self.ctx.pi_states.items():
             g = st.c.grad
+            if st.shard is not None:
+                for key, v in self.optimizer.state.get(st.c, {}).items():
+                    if isinstance(v, Tensor) and v.dim() == 1 and v.shape[0] != st.rows:
+                        # Per-row state of the whole layer (the optimizer stepped before shard()):
+                        # cutting it to this process's rows would pair momentum with other rows.
+                        raise RuntimeError(
+                            f"PiOptimizerWrapper.step: the optimizer state {key!r} of {_join(name, 'c')!r} has "
+                            f"{v.shape[0]} rows but this process holds {st.rows} rows of the sharded layer; build "
+                            "the optimizer (and the wrapper) after pinet.distributed.shard(model). The step was "
+                            "not applied"
+                        )
             if g is not None and g.shape != st.c.shape:
                 raise RuntimeError(
                     f"PiOptimizerWrapper.step: the coefficients {_join(name, 'c')!r} have a gradient of "
