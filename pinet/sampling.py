@@ -251,14 +251,20 @@ def trace(model: nn.Module, example_input: tuple | Tensor | None = None) -> Data
     return flow
 
 
-def _draw_omegas(flow: DataFlow, width: int, generator, draw_device, device, dtype) -> dict[str, Tensor]:
+def _draw_omegas(flow: DataFlow, width: int, generator, draw_device, device, dtype, model=None) -> dict[str, Tensor]:
     # Drawn in float64 and rounded, space by space in creation order (InfPiMLP: layer 0, 1, ...), on
     # the generator's device (torch requires it) and moved to the model's: the same Ω either way.
-    return {
+    draws = {
         name: torch.randn(width, flow.ranks[name], generator=generator, device=draw_device, dtype=torch.float64)
-        .to(device=device, dtype=dtype)
         for name in flow.spaces
     }
+    if model is not None:
+        # A sharded model (pinet.distributed): every rank takes rank 0's draws (collective), so per-rank
+        # seeds still give the whole layer's finite net; no-op otherwise.
+        from . import distributed
+
+        draws = distributed._agree_draws(model, draws, width, dtype, "pinet.sample")
+    return {name: d.to(device=device, dtype=dtype) for name, d in draws.items()}
 
 
 def _check_width(width) -> int:
@@ -361,6 +367,11 @@ def sample(
     device); ``example_input`` is passed to :func:`trace`. The model is not changed (its buffers,
     training flags, parameters, gradients and hooks are as before, also when ``sample`` raises).
     A width whose weights cannot fit in the device's memory is refused before anything is drawn.
+
+    A model sharded over processes (:func:`pinet.distributed.shard`): collective (every rank calls it
+    with the same width and dtype, checked); every rank uses the ``Ω`` drawn on rank 0 of the group,
+    so all get the finite net of the whole layer that rank 0's generator gives in one process
+    (each rank's own generator advances as in one process).
     """
     width = _check_width(width)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -377,7 +388,7 @@ def sample(
     device = next(model.parameters()).device
     draw_device = generator.device if generator is not None else device
     _check_memory(flow, width, device, dtype)  # what the result keeps lives on the model's device
-    omegas = _draw_omegas(flow, width, generator, draw_device, device, dtype)
+    omegas = _draw_omegas(flow, width, generator, draw_device, device, dtype, model)
     layers = finite_layers(flow, omegas, dtype)
     assemble = getattr(model, "_assemble_finite", None)
     if assemble is not None:

@@ -226,6 +226,110 @@ def _train_worker(rank, world, tmp):
     assert net2.head_b.state.global_rows == ref2.head_b.state.rows == R + 6 * 5
     assert net2.trunk.state.rows == net2.trunk.state.shard.local_rows(R + 6 * 5)
     assert err2 < RTOL, err2
+    _agreement_checks(rank, world, net, opt)
+
+
+def _snapshot(net, opt=None):
+    sd = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in net.state_dict().items()}
+    rows = [(st.rows, st.global_rows) for st in pd.sharded_states(net).values()]
+    return sd, rows, (copy.deepcopy(opt.state_dict()) if opt is not None else None)
+
+
+def _same_snapshot(a, b) -> bool:
+    def same(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return type(x) is type(y) and len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return x == y
+
+    return same(a, b)
+
+
+def _agreement_checks(rank, world, net, opt):
+    """Ranks that disagree (batches, sample arguments, dst, checkpoints) raise on every rank, never
+    abort in gloo, train on mixed data or load counts that differ between ranks; nothing changes."""
+    x = _batches(1, seed=15)[0][0]  # (5, D_IN)
+    before = _snapshot(net, opt)
+    with torch.no_grad():
+        # Batches of different sizes (an uneven last batch): gloo used to abort both processes.
+        with pytest.raises(pd.ShardMismatchError, match="rank 1 got a batch of 4 rows, rank 0 a batch of 5 rows"):
+            net(x[: 5 - rank])
+        # The same shape, other data (the DistributedSampler habit): used to train silently.
+        with pytest.raises(pd.ShardMismatchError, match="rank 1 got other data than rank 0"):
+            net(x + rank)
+        # A π-layer called on its own (outside the sharded model's forward) checks its input.
+        g = torch.randn(3 + rank, R, dtype=torch.float64)
+        with pytest.raises(pd.ShardMismatchError, match="called on its own.*rank 1 got a batch of 4 rows"):
+            net.layers[1](g)
+        assert torch.equal(net(x), net(x))  # agreeing ranks are fine afterwards
+    # pinet.sample with per-rank generators: rank 0's Ω everywhere, bit for bit the one-process sample.
+    fin = pinet.sample(net, 32, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64)
+    whole = _mlp()  # the one-process model of net now
+    pinet.load_state_dict(whole, pd.full_state_dict(net, dst=None))
+    one = pinet.sample(whole, 32, generator=torch.Generator().manual_seed(100), dtype=torch.float64)
+    fsd, osd = fin.state_dict(), one.state_dict()
+    omegas = [k for k in osd if k.endswith("omega")]
+    assert omegas and all(torch.equal(fsd[k], osd[k]) for k in omegas)
+    assert max(_rel(fsd[k], v) for k, v in osd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()) < RTOL
+    with pytest.raises(pd.ShardMismatchError, match="rank 1 samples width 33, rank 0 width 32"):
+        pinet.sample(net, 32 + rank)
+    # The finite copy of a custom sharded net is not sharded: one rank alone may run it.
+    fin2 = pinet.sample(pd.shard(TwoHeads()), 16, generator=torch.Generator().manual_seed(1))
+    if rank == 0:
+        fin2(x)
+    dist.barrier()
+    # dst: an int rank of the group, the same on every rank.
+    for bad, err in ((True, TypeError), (1.0, TypeError), ("0", TypeError), (-1, ValueError), (world, ValueError)):
+        with pytest.raises(err, match=r"dst must be .*rank"):
+            pd.full_state_dict(net, dst=bad)
+    with pytest.raises(pd.ShardMismatchError, match="different dst"):
+        pd.full_optimizer_state_dict(opt, dst=rank)
+    # A bad dst on one rank: that rank names it, the others are told, nobody waits in a gather.
+    with pytest.raises(ValueError if rank == 0 else pd.ShardMismatchError, match=r"dst must be a rank|rank 0: an invalid dst"):
+        pd.full_state_dict(net, dst=-1 if rank == 0 else 0)
+    # Loading: every rank checks, then all load or all refuse.
+    own = net.state_dict()
+    key = next(k for k in own if k.endswith("._shard"))
+    G = int(own[key][2])
+
+    def refused(sd, match, exc=pd.ShardMismatchError):
+        with pytest.raises(exc, match=match):
+            pd.load_state_dict(net, sd)
+        assert _same_snapshot(_snapshot(net, opt), before)
+
+    refused(dict(own, **{key: own[key].double() + 0.4}), "must be an integer tensor")
+    # Total one short on the rank where that still fits its rows: each rank alone would accept.
+    shifted = torch.tensor([rank, world, G - 1 if rank == G % world else G])
+    refused(dict(own, **{key: shifted}), rf"different row counts .*rank 0: {G - 1 if G % world == 0 else G}")
+    refused(dict(own, **{key: torch.tensor([rank, world, G + 1])}), "rank|rows")  # one rank refuses: all do
+    refused(None, "state_dict must be a mapping", TypeError)
+    if rank == 1:
+        refused([1, 2], "state_dict must be a mapping, got list", TypeError)
+    else:
+        refused(own, r"rank\(s\) \[1\] refused")
+    pd.load_state_dict(net, own)  # and the real thing still loads
+    # A whole-layer optimizer state with malformed parts: named, nothing changes.
+    full_opt = pd.full_optimizer_state_dict(opt, dst=None)
+    for bad, match in (({"optimizer": 5, "hooks": []}, "'optimizer' must be an optimizer state dict"),
+                       (dict(full_opt, optimizer=dict(full_opt["optimizer"], state={0: 5})),
+                        "optimizer state of parameter index 0 must be a dict"),
+                       (dict(full_opt, hooks=None), "'hooks' must be a list")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            pd.load_optimizer_state_dict(opt, bad)
+        assert _same_snapshot(_snapshot(net, opt), before)
+    # shard(): identical NaNs are the same model; a NaN on one rank only is another model.
+    nan = _mlp()
+    with torch.no_grad():
+        nan.layers[0].A[0, 0] = float("nan")
+    pd.shard(nan)
+    odd = _mlp()
+    with torch.no_grad():
+        odd.layers[0].A[0, 0] = float("nan") if rank == 1 else 0.0
+    with pytest.raises(pd.ShardMismatchError, match=r"rank 1 holds another model than rank 0 \(parameter layers.0.A: nan"):
+        pd.shard(odd)
 
 
 def _resume_worker(rank, world, tmp):
@@ -267,7 +371,7 @@ def _own_shard_worker(rank, world, tmp):
 
 def _failure_worker(rank, world, tmp, mode):
     net = pd.shard(_mlp())
-    x = torch.randn(4, D_IN, dtype=torch.float64)
+    x = torch.randn(4, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # the same on every rank
     net(x)  # everyone alive: fine
     dist.barrier()
     if rank == 1:
@@ -328,7 +432,8 @@ def test_shard_refusals():
     with pytest.raises(RuntimeError, match="init_process_group"):
         pd.shard(_mlp())
     st = pinet.PiState(3, 2, dtype=torch.float64)
-    st.append(torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    B = torch.randn(4, 3, dtype=torch.float64)
+    st.append(torch.randn(4, 2, dtype=torch.float64), B / B.norm(dim=1, keepdim=True))  # unit rows
     st.shard = pd.ShardInfo(None, 1, 3, 12)  # rank 1 of 3 holds 4 of 12 rows (1, 4, 7, 10)
     # New global rows 12..16: rank 1 keeps 13 and 16, i.e. new rows 1 and 4.
     keep = st.append(torch.arange(10.0).reshape(5, 2).double(), torch.zeros(5, 3, dtype=torch.float64))
@@ -342,6 +447,21 @@ def test_shard_refusals():
     assert (st.rows, st.global_rows) == (4, 12)
     twin = copy.deepcopy(st)  # a copy is a shard of the same processes, with its own counts
     assert twin.shard is not st.shard and (twin.shard.rank, twin.shard.world_size, twin.global_rows) == (1, 3, 12)
+    # Argument checks that need no process group (an unsharded model).
+    for bad in (True, 1.0, "0"):
+        with pytest.raises(TypeError, match="dst must be an int rank"):
+            pd.full_state_dict(_mlp(), dst=bad)
+    with pytest.raises(ValueError, match="dst must be a rank"):
+        pd.full_state_dict(_mlp(), dst=-1)
+    for bad in (None, [1, 2]):
+        with pytest.raises(TypeError, match="pinet.distributed.load_state_dict: state_dict must be a mapping"):
+            pd.load_state_dict(_mlp(), bad)
+    # The batch fingerprint: count, batch size, elements, shapes and dtypes, sum, sum of squares.
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fp, rtol = pd._batch_fingerprint([x])
+    assert fp[:3].tolist() == [1.0, 4.0, 12.0] and math.isclose(fp[4], x.sum()) and rtol == 1e-9
+    assert pd._batch_fingerprint([x.float()])[0][3] != fp[3]  # the dtype is in the shape code
+    assert pd._close(float("nan"), float("nan"), 0.0) and not pd._close(float("nan"), 1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------ the training job
