@@ -721,8 +721,111 @@ def _check_checkpoint(checkpoint: dict, where: str) -> None:
     epoch = checkpoint["epoch"]
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise CLIError(f"{where}: 'epoch' must be a non-negative int, got {epoch!r}")
-    if not isinstance(checkpoint["history"], list):
-        raise CLIError(f"{where}: 'history' must be a list, got {type(checkpoint['history']).__name__}")
+    _check_history(checkpoint["history"], epoch, where)
+
+
+# One row per epoch, as fit (and transfer_imagenet) write them: format_row, write_csv, plot_history
+# and the resumed elapsed time read these keys.
+_HISTORY_NUMBERS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "grad_norm", "epoch_time", "elapsed")
+
+
+def _check_history(history, epoch: int, where: str) -> None:
+    if not isinstance(history, list):
+        raise CLIError(f"{where}: 'history' must be a list, got {type(history).__name__}")
+    if len(history) != epoch:
+        # A resumed run appends to it: any other length gives a log with missing or repeated epochs.
+        raise CLIError(f"{where}: 'history' must hold one row per epoch ({epoch}), got {len(history)} rows")
+    for i, row in enumerate(history):
+        if not isinstance(row, dict):
+            raise CLIError(f"{where}: history[{i}] must be a dict (one epoch's row), got {type(row).__name__}")
+        missing = [k for k in ("epoch", *_HISTORY_NUMBERS, "rows") if k not in row]
+        if missing:
+            raise CLIError(f"{where}: history[{i}] has no {', '.join(map(repr, missing))} entry")
+        if isinstance(row["epoch"], bool) or row["epoch"] != i + 1 or not isinstance(row["epoch"], int):
+            raise CLIError(f"{where}: history[{i}]['epoch'] must be {i + 1}, got {row['epoch']!r}")
+        for k in _HISTORY_NUMBERS:
+            if isinstance(row[k], bool) or not isinstance(row[k], (int, float)):
+                raise CLIError(f"{where}: history[{i}][{k!r}] must be a number, got {row[k]!r}")
+        rows = row["rows"]
+        if not isinstance(rows, list) or any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in rows):
+            raise CLIError(f"{where}: history[{i}]['rows'] must be a list of π-row counts, got {rows!r}")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+_BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+
+
+def _saved_value_problem(action: argparse.Action, v) -> str | None:
+    """What is wrong with ``v`` as the parsed value of ``action`` (None: nothing), by the action's own
+    type: the values a checkpoint saves are what the parser produced, so they must look like it."""
+    if isinstance(action, _BOOL_ACTIONS):
+        return None if isinstance(v, bool) else "a bool"
+    if v is None and action.default is None:
+        return None
+    t = action.type
+    if action.choices is not None:
+        return None if isinstance(v, str) and v in action.choices else f"one of {list(action.choices)}"
+    if t is int:
+        return None if isinstance(v, int) and not isinstance(v, bool) else "an int"
+    if t is float:
+        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "a number"
+    if t is None or t is str:
+        return None if isinstance(v, str) else "a string"
+    # A list-valued flag (comma-separated on the command line, e.g. --lr-drop-milestones): what the
+    # parser makes of the saved list written back as text must be that list.
+    if not isinstance(v, list):
+        return "a list"
+    try:
+        ok = t(",".join(map(str, v))) == v
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        ok = False
+    return None if ok else f"a list the flag accepts ({_flag(action.dest)} {','.join(map(str, v))!r} does not parse to it)"
+
+
+class _SavedFlagsError:
+    """Stands in for the parser in a command's flag checks run on a checkpoint's saved flags: the
+    check's ``parser.error(msg)`` becomes one CLIError naming the checkpoint (not a usage message
+    about flags nobody typed)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def error(self, msg: str):
+        raise CLIError(f"{self.where}: its saved training flags are invalid ({msg}); it was not written by this "
+                       "program or has been edited")  # fmt: skip
+
+
+def _check_saved_args(
+    parser: argparse.ArgumentParser, saved, where: str, cli_only: set[str],
+    check: Callable[[Any, argparse.Namespace], None] | None = None, prepare: Callable[[argparse.Namespace], None] | None = None,
+) -> None:
+    """A CLIError unless ``saved`` (a checkpoint's ``args``) is a dict holding every training flag of
+    ``parser`` (all but ``cli_only`` and --save-dir) with values of the flag's type that pass ``check``
+    (default :func:`check_training_args`, the checks of typed flags), applied to the parser's defaults
+    overridden by the saved flags (``prepare`` adjusts that namespace first)."""
+    if not isinstance(saved, dict):
+        raise CLIError(f"{where}: its saved training flags ('args') must be a dict of flag values, got "
+                       f"{type(saved).__name__}")  # fmt: skip
+    actions = {a.dest: a for a in parser._actions if a.dest != "help" and a.default is not argparse.SUPPRESS}
+    required = [d for d in actions if d not in cli_only and d != "save_dir"]
+    missing = [d for d in required if d not in saved]
+    if missing:
+        # Resumed without them, the run would silently train with today's defaults instead.
+        raise CLIError(f"{where}: its saved training flags ('args') lack {', '.join(map(_flag, missing))}; a "
+                       "checkpoint.pt written by this program records every one")  # fmt: skip
+    for d in required:
+        problem = _saved_value_problem(actions[d], saved[d])
+        if problem is not None:
+            raise CLIError(f"{where}: its saved {_flag(d)} must be {problem}, got {saved[d]!r}")
+    ns = parser.parse_args([])
+    for d in required:
+        setattr(ns, d, saved[d])
+    if prepare is not None:
+        prepare(ns)
+    (check or check_training_args)(_SavedFlagsError(where), ns)
 
 
 def _file_in_the_way(directory: str) -> str | None:
@@ -837,11 +940,15 @@ def given_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
 def _merge_resume_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict, given: set[str],
     cli_only: set[str] = _CLI_ONLY, changeable: str = "only --epochs, --save-dir and output flags may change",
+    *, check: Callable[[Any, argparse.Namespace], None] | None = None,
+    prepare: Callable[[argparse.Namespace], None] | None = None,
 ) -> argparse.Namespace:
     """``args`` with the training flags of the checkpoint (``saved``). A flag in ``given`` (typed on
     the command line, see :func:`given_dests`) that differs from the checkpoint is a :class:`CLIError`,
     except --epochs and --save-dir, which are then taken from the command line; --save-dir not given
-    is the checkpoint's directory."""
+    is the checkpoint's directory. ``saved`` is checked first (:func:`_check_saved_args` with
+    ``check`` and ``prepare``): a malformed, incomplete or invalid set of flags is a CLIError."""
+    _check_saved_args(parser, saved, args.resume or "the checkpoint", cli_only, check, prepare)
     merged = argparse.Namespace(**vars(args))
     for key, old in saved.items():
         if key in cli_only or not hasattr(args, key):
@@ -1104,6 +1211,8 @@ def cli(
                                "(model files are evaluated with --test --model-path)")
             _check_checkpoint(checkpoint, args.resume)
             args = _merge_resume_args(parser, args, checkpoint["args"], given_dests(parser, argv))
+            # The checks of typed flags again, on what the run will use (saved and typed together).
+            check_training_args(parser, args)
         if args.save_dir and os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
             raise CLIError(f"--save-dir {args.save_dir} is an existing file, not a directory")
         device = resolve_device(args)

@@ -63,6 +63,16 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         widths = []
     if not widths or any(w < r for w in widths):
         p.error(f"argument --widths: comma-separated widths >= r = {r} of --config {args.config}, got {args.widths!r}")
+    if not args.calibrate:
+        # The tables fit a log-log slope over the widths: one width (or a repeated one) made it NaN,
+        # written into the table with exit 0. --calibrate uses its own widths.
+        if len(set(widths)) != len(widths):
+            p.error(f"argument --widths: each width at most once, got {args.widths!r}")
+        if len(widths) < 2:
+            p.error(f"argument --widths: at least two distinct widths (a log-log slope needs two), got {args.widths!r}")
+        if args.all_configs and sum(w <= 8192 for w in widths) < 2:
+            p.error(f"argument --widths: --all-configs runs depth >= 2 only at widths <= 8192 and needs two of "
+                    f"them, got {args.widths!r}")  # fmt: skip
     args.widths = ",".join(map(str, widths))
     for flag, v in (("--seeds", args.seeds), ("--omegas", args.omegas)):
         if v < 1:

@@ -65,6 +65,39 @@ def _scalar(sd: Mapping, key: str) -> float:
     return float(v)
 
 
+# How far a row norm of B may be from 1 (or 0): the reference stores directions ḡ = g / ‖g‖, computed
+# in float32 or float64 and possibly saved in half precision. Rounding each entry to the storage dtype
+# moves the norm by at most its unit roundoff u (float16 4.9e-4, bfloat16 3.9e-3); 4 * eps = 8u leaves
+# room for the normalisation's own rounding. The 1e-4 floor admits float32 directions saved as
+# float64. Anything further is not a direction: pinet clamps the cosine ḡ·B_i to [-1, 1] and the
+# reference does not, so rows of norm 3 loaded silently and computed a different forward (off by 20).
+_UNIT_ATOL_FLOOR = 1e-4
+_UNIT_EPS_FACTOR = 4.0
+_NORM_CHUNK = 1 << 16  # rows per block: the norms of a multi-GB half B without a float32 copy of it
+
+
+def _check_unit_rows(key: str, B: Tensor) -> None:
+    """A ValueError naming ``key`` and its worst row unless every row of ``B`` has norm 1 or 0."""
+    if B.layout != torch.strided or B.device.type == "meta" or B.shape[0] == 0:
+        return  # no data to read: sparse and meta tensors are refused by the load itself
+    tol = max(_UNIT_ATOL_FLOOR, _UNIT_EPS_FACTOR * torch.finfo(B.dtype).eps)
+    acc = torch.promote_types(B.dtype, torch.float32)
+    worst_dev, worst_row, worst_norm = -1.0, 0, 0.0
+    for i in range(0, B.shape[0], _NORM_CHUNK):
+        with torch.no_grad():
+            norms = B[i : i + _NORM_CHUNK].to(acc).norm(dim=1)
+        # Distance to the nearer of the two allowed norms; NaN rows count as infinitely far.
+        dev = torch.minimum((norms - 1).abs(), norms).nan_to_num(nan=math.inf)
+        j = int(dev.argmax())
+        if float(dev[j]) > worst_dev:
+            worst_dev, worst_row, worst_norm = float(dev[j]), i + j, float(norms[j])
+    if not worst_dev <= tol:
+        raise ValueError(
+            f"from_pilimit: {key!r} rows must be unit vectors (the reference stores input directions g/|g|) or zero, "
+            f"within {tol:.1e} for {B.dtype}; row {worst_row} has norm {worst_norm:.6g}"
+        )
+
+
 def _layer_indices(sd: Mapping) -> int:
     """Check the key set; return the number of π-layers (L + 1)."""
     for key in _TOP + ("layers.0.A",):
@@ -146,9 +179,11 @@ def from_pilimit(
     Raises:
         KeyError: a required key is missing (named in the message).
         TypeError: an entry is not a tensor / a number where one belongs (named).
-        ValueError: an unknown key, a bad shape, ``A``/``B``/``Amult`` row counts that disagree, a
-            NaN or infinite multiplier, or a trained input bias under a zero input ``bias_alpha``
-            (the reference would not use it; refused rather than dropped).
+        ValueError: an unknown key, a bad shape (``Amult`` must be 1-d of length ``M``),
+            ``A``/``B``/``Amult`` row counts that disagree, ``B`` rows whose norms are not 1 (or 0)
+            to the precision of their dtype, a NaN or infinite multiplier, or a trained input bias
+            under a zero input ``bias_alpha`` (the reference would not use it; refused rather than
+            dropped).
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"from_pilimit: state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -194,10 +229,16 @@ def from_pilimit(
             raise ValueError(f"from_pilimit: {p + 'B'!r} must be (M, {r}), got shape {tuple(B.shape)}")
         if B.shape[0] != M:
             raise ValueError(f"from_pilimit: {p + 'B'!r} has {B.shape[0]} rows but {p + 'A'!r} has {M}")
-        if c.numel() != M:
+        if c.dim() != 1:
+            # One coefficient per row: a (3, 3) Amult for M = 9 used to be flattened and loaded, pairing
+            # coefficients with rows in an order nobody saved.
+            raise ValueError(f"from_pilimit: {p + 'Amult'!r} must be a 1-d vector (M,) of coefficients, got shape "
+                             f"{tuple(c.shape)}")  # fmt: skip
+        if c.shape[0] != M:
             raise ValueError(f"from_pilimit: {p + 'Amult'!r} has {c.numel()} entries but {p + 'A'!r} has {M} rows")
         if i < n_pi and A.shape[1] != r:
             raise ValueError(f"from_pilimit: hidden layer {p + 'A'!r} must be (M, {r}), got shape {tuple(A.shape)}")
+        _check_unit_rows(p + "B", B)
         ba = _scalar(sd, p + "bias_alpha")
         _scalar(sd, p + "layer_alpha")  # validated; a learning-rate multiplier (pilimit_lr_mults)
         b = bias(p + "bias", A.shape[1])
@@ -205,7 +246,7 @@ def from_pilimit(
             raise KeyError(f"from_pilimit: missing key {p + 'bias'!r} ({p + 'bias_alpha'!r} is {ba})")
         # The reference adds bias * bias_alpha, or the bias itself when bias_alpha is 0.
         effective = 0.0 if b is None else (ba if ba != 0 else 1.0)
-        layers.append((A, B, c.reshape(-1), b, effective))
+        layers.append((A, B, c, b, effective))
     d_out = layers[-1][0].shape[1]
 
     net = InfPiMLP(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
@@ -43,6 +44,7 @@ from .sampling import sample
 
 __all__ = [
     "DTYPE",
+    "ERRORS",
     "Profile",
     "profile",
     "Builder",
@@ -86,6 +88,132 @@ DTYPE = torch.float64
 
 #: ``build(cfg, seed) -> nn.Module``: an untrained infinite π-network for one seed.
 Builder = Callable[["TrainConfig", int], nn.Module]
+
+#: The errors a :class:`RateResult` holds, by the names ``which`` takes.
+ERRORS = ("out", "loss", "gnorm")
+
+# Seeds are offset and scaled into torch generator seeds (make_task, omega_generator); below 2**32
+# these stay far inside the 64-bit range torch accepts.
+_MAX_SEED = 2**32
+
+
+# --------------------------------------------------------------------------- argument checks
+# Users run this harness on their own nets: every public entry point checks its arguments before any
+# training, so that a wrong call is a named TypeError/ValueError and never a test that cannot fail
+# (no error names in `which`, a slope over one width) or a NaN that reads like a failure.
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _int(fn: str, name: str, v, lo: int | None = None, hi: int | None = None) -> int:
+    if not _is_int(v):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__} {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v >= hi):
+        what = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+        raise ValueError(f"{fn}: {name} must be an int {what}, got {v}")
+    return int(v)
+
+
+def _seed(fn: str, name: str, v) -> int:
+    return _int(fn, name, v, 0, _MAX_SEED)
+
+
+def _real(fn: str, name: str, v, *, lo: float | None = None, open_lo: bool = False) -> float:
+    if not _is_real(v):
+        raise TypeError(f"{fn}: {name} must be a real number, got {type(v).__name__} {v!r}")
+    v = float(v)
+    if not math.isfinite(v) or (lo is not None and (v <= lo if open_lo else v < lo)):
+        what = "a finite number" + ("" if lo is None else f" {'>' if open_lo else '>='} {lo:g}")
+        raise ValueError(f"{fn}: {name} must be {what}, got {v}")
+    return v
+
+
+def _bool(fn: str, name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(v).__name__} {v!r}")
+
+
+def _config(fn: str, name: str, cfg) -> None:
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"{fn}: {name} must be a pinet.testing.TrainConfig, got {type(cfg).__name__}")
+
+
+def _callable(fn: str, name: str, v, what: str, optional: bool = True) -> None:
+    if (v is not None or not optional) and not callable(v):
+        raise TypeError(f"{fn}: {name} must be {what}{' or None' if optional else ''}, got {type(v).__name__}")
+
+
+def _widths(fn: str, widths, *, slope: bool, r: int | None = None) -> list[int]:
+    """``widths`` as a list of distinct positive ints (at least two with ``slope``; >= ``r`` if given)."""
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Iterable):
+        raise TypeError(f"{fn}: widths must be a collection of ints, got {type(widths).__name__} {widths!r}")
+    widths = list(widths)
+    for w in widths:
+        _int(fn, "every width", w, 1)
+    widths = [int(w) for w in widths]
+    if len(set(widths)) != len(widths):
+        # Errors are collected per width: a repeated width would pool two runs under one key.
+        raise ValueError(f"{fn}: widths must be distinct, got {widths}")
+    if len(widths) < (2 if slope else 1):
+        need = "at least two distinct widths (a log-log slope needs two points)" if slope else "at least one width"
+        raise ValueError(f"{fn}: need {need}, got {widths}")
+    if r is not None and min(widths) < r:
+        raise ValueError(f"{fn}: every width must be >= r = {r} of the config (ΩᵀΩ must be invertible), got {widths}")
+    return widths
+
+
+def _seeds(fn: str, seeds) -> list[int]:
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise TypeError(f"{fn}: seeds must be a collection of ints, got {type(seeds).__name__} {seeds!r}")
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError(f"{fn}: seeds must not be empty (errors are averaged over seeds)")
+    return [_seed(fn, "every seed", s) for s in seeds]
+
+
+def _which(fn: str, which) -> list[str]:
+    if isinstance(which, str):
+        # A string is an iterable of letters: which="out" used to look up errors "o", "u", "t".
+        raise TypeError(f"{fn}: which must be a collection of error names from {ERRORS}, got the string {which!r} "
+                        f"(write ({which!r},))")  # fmt: skip
+    if not isinstance(which, Iterable):
+        raise TypeError(f"{fn}: which must be a collection of error names from {ERRORS}, got {type(which).__name__}")
+    which = list(which)
+    if not which:
+        raise ValueError(f"{fn}: which must name at least one error from {ERRORS} (an empty which checks nothing)")
+    bad = [w for w in which if w not in ERRORS]
+    if bad:
+        raise ValueError(f"{fn}: unknown error name(s) {bad} in which; expected names from {ERRORS}")
+    return which
+
+
+def _error_name(fn: str, which) -> str:
+    if not isinstance(which, str) or which not in ERRORS:
+        raise ValueError(f"{fn}: which must be one of {ERRORS}, got {which!r}")
+    return which
+
+
+def _net_and_inputs(fn: str, net, X) -> None:
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"{fn}: net must be an nn.Module, got {type(net).__name__}")
+    if not isinstance(X, Tensor) or X.dim() != 2:
+        got = f"shape {tuple(X.shape)}" if isinstance(X, Tensor) else type(X).__name__
+        raise TypeError(f"{fn}: X must be a (T, d) tensor, got {got}")
+
+
+def _same_task(fn: str, cfg: TrainConfig, finite_cfg) -> None:
+    if finite_cfg is None:
+        return
+    _config(fn, "finite_cfg", finite_cfg)
+    # The finite nets are trained on the task made from cfg: finite_cfg may change the optimizer only.
+    diff = [k for k in _TASK_FIELDS if getattr(cfg, k) != getattr(finite_cfg, k)]
+    if diff:
+        raise ValueError(f"{fn}: finite_cfg must describe the same data as cfg (it may change the optimizer only); "
+                         f"it differs in {', '.join(f'{k} ({getattr(finite_cfg, k)} vs {getattr(cfg, k)})' for k in diff)}")
 
 
 @dataclass(frozen=True)
@@ -132,12 +260,45 @@ class TrainConfig:
     pool: int = 64
     test: int = 64
 
+    def __post_init__(self) -> None:
+        # Checked at construction (and by dataclasses.replace): accumulate=0 used to mean 1, batch=0
+        # or test=0 gave NaN errors, steps=0 and d=0 raw torch / ZeroDivision errors.
+        fn = "TrainConfig"
+        if not isinstance(self.name, str):
+            raise TypeError(f"{fn}: name must be a str, got {type(self.name).__name__}")
+        for name in ("d", "k", "r", "accumulate", "batch", "steps", "pool", "test"):
+            _int(fn, name, getattr(self, name), 1)
+        _int(fn, "depth", self.depth, 0)
+        for name in ("layernorm", "apply_lr_mult_to_wd", "nesterov", "per_param_clip", "minibatches"):
+            _bool(fn, name, getattr(self, name))
+        for name in ("first_layer_alpha", "last_layer_alpha", "bias_alpha"):
+            _real(fn, name, getattr(self, name))
+        for name in ("lr", "weight_decay", "first_layer_lr_mult", "last_layer_lr_mult", "bias_lr_mult", "dampening"):
+            _real(fn, name, getattr(self, name), lo=0.0)
+        if not 0.0 <= _real(fn, "momentum", self.momentum, lo=0.0) < 1.0:
+            # The velocity of SGD with momentum >= 1 never forgets a gradient: it grows without bound.
+            raise ValueError(f"{fn}: momentum must be in [0, 1), got {self.momentum}")
+        if self.dampening > 1.0:
+            raise ValueError(f"{fn}: dampening must be in [0, 1], got {self.dampening}")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError(f"{fn}: nesterov needs momentum > 0 and dampening 0 (torch.optim.SGD), got momentum "
+                             f"{self.momentum}, dampening {self.dampening}")  # fmt: skip
+        if self.clip is not None:
+            _real(fn, "clip", self.clip, lo=0.0, open_lo=True)
+        if self.batch > self.pool:
+            # Batches index the pool: a larger batch would index past it (full batch) or silently
+            # shrink to the pool (minibatches).
+            raise ValueError(f"{fn}: batch ({self.batch}) must be <= pool ({self.pool}), the points batches are drawn from")
+
     def short(self) -> str:
         """The fields that differ from the defaults, for test ids and tables."""
         default = TrainConfig()
         diff = {k: v for k, v in asdict(self).items() if k != "name" and v != getattr(default, k)}
         return ", ".join(f"{k}={v}" for k, v in diff.items()) or "defaults"
 
+
+# The fields that make the task (make_task): a finite_cfg must agree with cfg on these.
+_TASK_FIELDS = ("d", "k", "batch", "steps", "minibatches", "pool", "test")
 
 # The rate-test configurations. Depth 0 (input layer + output π-layer: the finite net is n × d and
 # k × n, so width 4096 costs milliseconds) isolates one optimizer ingredient per configuration;
@@ -234,6 +395,8 @@ class Task:
 def make_task(cfg: TrainConfig, seed: int) -> Task:
     """Regression data for ``cfg`` from ``seed``: targets ``tanh(X T)`` of a random teacher ``T``
     (d, k) with unit-variance inputs, so the nets have something smooth to fit."""
+    _config("make_task", "cfg", cfg)
+    _seed("make_task", "seed", seed)
     g = torch.Generator().manual_seed(10_000 + seed)
     X = torch.randn(cfg.pool, cfg.d, generator=g, dtype=DTYPE)
     T = torch.randn(cfg.d, cfg.k, generator=g, dtype=DTYPE) * (2.0 / math.sqrt(cfg.d))
@@ -248,6 +411,8 @@ def make_task(cfg: TrainConfig, seed: int) -> Task:
 
 def build_infinite(cfg: TrainConfig, seed: int) -> InfPiMLP:
     """The untrained infinite π-MLP of ``(cfg, seed)`` in float64 (the default :data:`Builder`)."""
+    _config("build_infinite", "cfg", cfg)
+    _seed("build_infinite", "seed", seed)
     torch.manual_seed(seed)
     net = InfPiMLP(
         cfg.d, cfg.k, cfg.r, cfg.depth,
@@ -260,6 +425,7 @@ def build_infinite(cfg: TrainConfig, seed: int) -> InfPiMLP:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> PiOptimizerWrapper:
     """The wrapped optimizer of ``cfg`` over ``model`` (infinite or finite: the same code)."""
+    _config("build_optimizer", "cfg", cfg)
     groups = param_groups(
         model, cfg.lr, cfg.weight_decay,
         first_layer_lr_mult=cfg.first_layer_lr_mult, last_layer_lr_mult=cfg.last_layer_lr_mult,
@@ -304,7 +470,12 @@ def outputs(out) -> Tensor:
 
 def loss_fn(out, y: Tensor) -> Tensor:
     """Mean over the batch of the squared error summed over outputs: (b, k), (b, k) -> ()."""
-    return (outputs(out) - y).square().sum(dim=1).mean()
+    out = outputs(out)
+    if out.shape != y.shape:
+        # Broadcasting would otherwise compare (b, k') outputs with (b, k) targets, or fail in torch's terms.
+        raise ValueError(f"pinet.testing: the net returned outputs of shape {tuple(out.shape)} for targets of shape "
+                         f"{tuple(y.shape)}; cfg.d and cfg.k must be the net's input size and total output size")
+    return (out - y).square().sum(dim=1).mean()
 
 
 def train(
@@ -317,6 +488,12 @@ def train(
 ) -> Trajectory:
     """Train ``model`` in place for ``cfg.steps`` steps on ``task.batches``; the loop is the same for
     infinite and finite nets. ``optimizer_factory`` lets a test break the optimizer on purpose."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"train: model must be an nn.Module, got {type(model).__name__}")
+    _config("train", "cfg", cfg)
+    if not isinstance(task, Task):
+        raise TypeError(f"train: task must be a pinet.testing.Task (make_task), got {type(task).__name__}")
+    _callable("train", "optimizer_factory", optimizer_factory, "a callable (model, cfg) -> PiOptimizerWrapper", False)
     opt = optimizer_factory(model, cfg)
     losses, norms = [], []
     for idx in task.batches:
@@ -335,6 +512,9 @@ def train(
 
 def omega_generator(seed: int, width: int, omega_seed: int) -> torch.Generator:
     """The generator of the Ω's of one finite sample; distinct for every (seed, width, omega_seed)."""
+    _seed("omega_generator", "seed", seed)
+    _int("omega_generator", "width", width, 1)
+    _seed("omega_generator", "omega_seed", omega_seed)
     return torch.Generator().manual_seed(1_000_003 * seed + 7919 * omega_seed + width)
 
 
@@ -346,8 +526,12 @@ def train_infinite(
     Returns ``(init, trajectory, task)``: ``init`` is a copy of the net *before* training, from
     which :func:`train_finite` samples; the trained net is ``trajectory.model`` if ``keep_model``.
     """
+    _callable("train_infinite", "build", build, "a callable (cfg, seed) -> nn.Module")
     task = make_task(cfg, seed)
     net = (build or build_infinite)(cfg, seed)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"train_infinite: build(cfg, seed) must return an nn.Module (an untrained infinite net), "
+                        f"got {type(net).__name__}")  # fmt: skip
     init = copy.deepcopy(net)
     traj = train(net, cfg, task, keep_model=keep_model)
     return init, traj, task
@@ -365,17 +549,42 @@ def train_finite(
 ) -> Trajectory:
     """Sample the finite net of ``width`` from the untrained ``init`` and train it like the infinite
     one (``cfg`` may differ from the infinite net's only when a test breaks it on purpose)."""
+    if not isinstance(init, nn.Module):
+        raise TypeError(f"train_finite: init must be an nn.Module (the untrained infinite net), got {type(init).__name__}")
+    _config("train_finite", "cfg", cfg)
     fin = sample(init, width, generator=omega_generator(seed, width, omega_seed), dtype=DTYPE)
     return train(fin, cfg, task, optimizer_factory=optimizer_factory)
 
 
 def rel_error(a: Tensor, ref: Tensor) -> float:
     """``‖a - ref‖ / ‖ref‖`` (Frobenius), any equal shapes."""
-    return float((a - ref).norm() / ref.norm())
+    for name, t in (("a", a), ("ref", ref)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"rel_error: {name} must be a tensor, got {type(t).__name__}")
+    if a.shape != ref.shape:
+        # Broadcasting would compare different things (e.g. (T, 1) against (T,)).
+        raise ValueError(f"rel_error: a and ref must have the same shape, got {tuple(a.shape)} and {tuple(ref.shape)}")
+    norm = ref.norm()
+    if norm == 0:
+        raise ValueError("rel_error: ref has norm 0, so a relative error is undefined")
+    return float((a - ref).norm() / norm)
 
 
 def fit_slope(widths: Iterable[int], errors: Iterable[float]) -> float:
-    """Least-squares slope of ``log(error)`` against ``log(width)``."""
+    """Least-squares slope of ``log(error)`` against ``log(width)``: at least two distinct positive
+    widths and as many positive finite errors."""
+    widths = _widths("fit_slope", widths, slope=True)
+    if isinstance(errors, (str, bytes)) or not isinstance(errors, Iterable):
+        raise TypeError(f"fit_slope: errors must be a collection of numbers, got {type(errors).__name__}")
+    errors = list(errors)
+    if len(errors) != len(widths):
+        raise ValueError(f"fit_slope: need one error per width, got {len(errors)} errors for {len(widths)} widths")
+    for e in errors:
+        if not _is_real(e):
+            raise TypeError(f"fit_slope: errors must be real numbers, got {type(e).__name__} {e!r}")
+        if not (math.isfinite(e) and e > 0):
+            # log(0) and log(NaN) have no slope: a NaN error (a diverged run) would read as slope NaN.
+            raise ValueError(f"fit_slope: errors must be positive finite numbers, got {errors}")
     x = torch.tensor([math.log(w) for w in widths], dtype=DTYPE)
     y = torch.tensor([math.log(e) for e in errors], dtype=DTYPE)
     x = x - x.mean()
@@ -383,8 +592,20 @@ def fit_slope(widths: Iterable[int], errors: Iterable[float]) -> float:
 
 
 def geo_mean(xs: Iterable[float]) -> float:
-    """Geometric mean ``exp(mean(log x))`` of positive numbers (errors averaged over seeds or draws)."""
-    logs = [math.log(x) for x in xs]
+    """Geometric mean ``exp(mean(log x))`` of positive numbers (errors averaged over seeds or draws).
+
+    A NaN or infinite value (a diverged run) gives NaN or inf, which the callers' bounds reject."""
+    if isinstance(xs, (str, bytes)) or not isinstance(xs, Iterable):
+        raise TypeError(f"geo_mean: xs must be a collection of numbers, got {type(xs).__name__}")
+    xs = list(xs)
+    if not xs:
+        raise ValueError("geo_mean: xs must not be empty")
+    for x in xs:
+        if not _is_real(x):
+            raise TypeError(f"geo_mean: xs must be real numbers, got {type(x).__name__} {x!r}")
+        if not x > 0 and not math.isnan(x):
+            raise ValueError(f"geo_mean: xs must be positive, got {x}")
+    logs = [math.log(x) if math.isfinite(x) else x for x in xs]
     return math.exp(sum(logs) / len(logs))
 
 
@@ -403,17 +624,17 @@ class RateResult:
 
     def mean(self, which: str = "out") -> list[float]:
         """Mean over seeds of one error, per width."""
-        errs = getattr(self, f"{which}_err")
+        errs = getattr(self, f"{_error_name('RateResult.mean', which)}_err")
         return [sum(errs[w]) / len(errs[w]) for w in self.widths]
 
     def geo(self, which: str = "out") -> list[float]:
         """Geometric mean over seeds of one error, per width."""
-        errs = getattr(self, f"{which}_err")
+        errs = getattr(self, f"{_error_name('RateResult.geo', which)}_err")
         return [geo_mean(errs[w]) for w in self.widths]
 
     def slope(self, which: str = "out") -> float:
         """Fitted log-log slope of the seed-averaged error against width."""
-        return fit_slope(self.widths, self.mean(which))
+        return fit_slope(self.widths, self.mean(_error_name("RateResult.slope", which)))
 
 
 def measure_rates(
@@ -429,7 +650,16 @@ def measure_rates(
 
     ``finite_cfg`` trains the finite nets with another configuration (to show that a mismatch is
     caught); ``progress`` is called after every finite run; ``build`` makes the infinite net.
+    Everything is checked before any training (``widths``: distinct positive ints, >= ``cfg.r``
+    without ``build``; ``seeds``: a non-empty collection of ints).
     """
+    fn = "measure_rates"
+    _config(fn, "cfg", cfg)
+    _callable(fn, "build", build, "a callable (cfg, seed) -> nn.Module")
+    widths = _widths(fn, widths, slope=False, r=None if build is not None else cfg.r)
+    seeds = _seeds(fn, seeds)
+    _same_task(fn, cfg, finite_cfg)
+    _callable(fn, "progress", progress, "a callable with no arguments")
     res = RateResult(list(widths), {w: [] for w in widths}, {w: [] for w in widths}, {w: [] for w in widths})
     for seed in seeds:
         init, inf, task = train_infinite(cfg, seed, build=build)
@@ -450,6 +680,10 @@ def sampling_fluctuation(net: nn.Module, X: Tensor, width: int, seed: int, sampl
 
     This is the n^-1/2 fluctuation of the infinite net itself: how far a finite sample of it is
     from it with no training in between."""
+    _net_and_inputs("sampling_fluctuation", net, X)
+    _int("sampling_fluctuation", "width", width, 1)
+    _seed("sampling_fluctuation", "seed", seed)
+    _int("sampling_fluctuation", "samples", samples, 1)
     ref = outputs(net(X))
     sq = 0.0
     for j in range(samples):
@@ -462,6 +696,10 @@ def sampling_fluctuation(net: nn.Module, X: Tensor, width: int, seed: int, sampl
 def sampled_errors(net: nn.Module, X: Tensor, widths: Iterable[int], seed: int, draws: int) -> list[float]:
     """Per width, the geometric mean over ``draws`` Ω draws of the relative output error on ``X``
     (T, d) of a finite net sampled from ``net`` (trained or not), without any training."""
+    _net_and_inputs("sampled_errors", net, X)
+    widths = _widths("sampled_errors", widths, slope=False)
+    _seed("sampled_errors", "seed", seed)
+    _int("sampled_errors", "draws", draws, 1)
     ref = outputs(net(X))
     return [
         geo_mean(
@@ -514,8 +752,17 @@ def measure_tracking(
     """Train the infinite net of ``(cfg, seed)`` and ``omegas`` (≥ 2) finite nets of ``width``, and
     compare (see :class:`Tracking`). ``finite_cfg`` / ``optimizer_factory`` break the finite side
     on purpose, to show that a mismatch is caught."""
+    fn = "measure_tracking"
+    _config(fn, "cfg", cfg)
+    _seed(fn, "seed", seed)
+    _callable(fn, "build", build, "a callable (cfg, seed) -> nn.Module")
+    _int(fn, "width", width, 1 if build is not None else cfg.r)
+    if not _is_int(omegas):
+        raise TypeError(f"{fn}: omegas must be an int, got {type(omegas).__name__} {omegas!r}")
     if omegas < 2:
-        raise ValueError("measure_tracking: need at least 2 finite nets to measure their spread")
+        raise ValueError(f"{fn}: need at least 2 finite nets (omegas) to measure their spread, got {omegas}")
+    _same_task(fn, cfg, finite_cfg)
+    _callable(fn, "optimizer_factory", optimizer_factory, "a callable (model, cfg) -> PiOptimizerWrapper", False)
     init, inf, task = train_infinite(cfg, seed, keep_model=True, build=build)
     static = sampling_fluctuation(inf.model, task.X_test, width, seed, samples=4)
     errs = []
@@ -575,6 +822,8 @@ TRAINED_SAMPLING_CONFIGS = {
 
 def tracking_problems(t: Tracking) -> list[str]:
     """What is wrong with a :class:`Tracking` (empty if within both bounds)."""
+    if not isinstance(t, Tracking):
+        raise TypeError(f"tracking_problems: t must be a pinet.testing.Tracking (measure_tracking), got {type(t).__name__}")
     desc = (
         f"width {t.width}: error {t.error:.4f} (per net {[round(e, 4) for e in t.errors]}), static "
         f"fluctuation {t.static:.4f}, spread {t.fluctuation:.4f}"
@@ -590,6 +839,8 @@ def tracking_problems(t: Tracking) -> list[str]:
 def stable(cfg: TrainConfig, seed: int, build: Builder | None = None) -> bool:
     """Whether the infinite net trains without blowing up (cheap: it is the small one). A drawn
     configuration that makes the infinite net itself diverge says nothing about equivalence."""
+    _config("stable", "cfg", cfg)
+    _seed("stable", "seed", seed)
     try:
         _, inf, _ = train_infinite(cfg, seed, build=build)
     except FloatingPointError:
@@ -615,16 +866,33 @@ def assert_tracks_limit(
     the log-log slope of the geometric mean over seeds against width is at most ``max_slope`` and,
     if given, that the error at the largest width is at most ``max_error``. Raises
     ``AssertionError`` with the table of errors; returns the :class:`RateResult`.
+
+    The arguments are checked before any training (``TypeError``/``ValueError`` naming them):
+    ``widths`` at least two distinct positive ints (>= ``cfg.r`` without ``build``), ``seeds`` a
+    non-empty collection of ints, ``which`` a non-empty collection of names from :data:`ERRORS`
+    (not a bare string), ``max_slope`` finite, ``max_error`` finite and > 0 or None: otherwise the
+    assertion could not fail (an empty ``which``, an infinite bound) or would fail for no reason
+    (a slope over one width is NaN).
     """
-    widths = sorted(widths)
-    if len(widths) < 2:
-        raise ValueError(f"assert_tracks_limit: need at least 2 widths, got {widths}")
-    res = measure_rates(cfg, widths, list(seeds), build=build)
+    fn = "assert_tracks_limit"
+    _config(fn, "cfg", cfg)
+    _callable(fn, "build", build, "a callable (cfg, seed) -> nn.Module")
+    widths = sorted(_widths(fn, widths, slope=True, r=None if build is not None else cfg.r))
+    seeds = _seeds(fn, seeds)
+    which = _which(fn, which)
+    max_slope = _real(fn, "max_slope", max_slope)
+    if max_error is not None:
+        max_error = _real(fn, "max_error", max_error, lo=0.0, open_lo=True)
+    res = measure_rates(cfg, widths, seeds, build=build)
     problems = []
     for w in which:
         geo = res.geo(w)
-        slope = fit_slope(widths, geo)
         table = ", ".join(f"{n}: {e:.4f}" for n, e in zip(widths, geo))
+        if not all(math.isfinite(e) and e > 0 for e in geo):
+            # A diverged run (NaN/inf) or a comparison of a net with itself (0) has no slope.
+            problems.append(f"{w} error: not positive and finite at every width ({table})")
+            continue
+        slope = fit_slope(widths, geo)
         if not slope <= max_slope:
             problems.append(f"{w} error: slope {slope:.3f} > {max_slope} ({table})")
         if max_error is not None and not geo[-1] <= max_error:
@@ -675,7 +943,11 @@ def optimizer_configs(depths: Iterable[int] = (0, 1)):
     the stable range measured for the rate configurations (effective step ≲ 0.3)."""
     from hypothesis import strategies as st
 
-    depths = tuple(depths)
+    if isinstance(depths, (str, bytes)) or not isinstance(depths, Iterable):
+        raise TypeError(f"optimizer_configs: depths must be a collection of ints, got {type(depths).__name__}")
+    depths = tuple(_int("optimizer_configs", "every depth", d, 0) for d in depths)
+    if not depths:
+        raise ValueError("optimizer_configs: depths must not be empty")
 
     @st.composite
     def configs(draw) -> TrainConfig:

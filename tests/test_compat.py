@@ -206,3 +206,44 @@ def test_from_pilimit_errors_name_the_key():
         from_pilimit([1])
     with pytest.raises(ValueError, match="'layers.2.layer_alpha' must be finite"):
         pilimit_lr_mults(dict(sd, **{"layers.2.layer_alpha": nan}))
+
+
+def test_from_pilimit_refuses_a_coefficient_matrix():
+    # A (3, 3) Amult for M = 9 used to be flattened and loaded: one coefficient per row means 1-d (M,).
+    sd = _random_reference()
+    for shape in [(3, 3), (1, 9), (9, 1)]:
+        bad = dict(sd, **{"layers.1.Amult": sd["layers.1.Amult"].reshape(shape)})
+        with pytest.raises(ValueError, match=rf"'layers.1.Amult' must be a 1-d vector \(M,\).*{shape[0]}, {shape[1]}"):
+            from_pilimit(bad)
+
+
+def test_from_pilimit_refuses_b_rows_that_are_not_directions():
+    # pinet clamps the cosine ḡ·B_i to [-1, 1] and the reference does not: rows of norm 3 used to load
+    # and compute a forward 20 away from the reference's. The worst row and its norm are named.
+    sd = _random_reference()
+    B = sd["layers.2.B"].clone()
+    B[4] *= 3
+    B[7] *= 1.5
+    with pytest.raises(ValueError, match=r"'layers.2.B' rows must be unit vectors.*row 4 has norm 3\b"):
+        from_pilimit(dict(sd, **{"layers.2.B": B}))
+    B = sd["layers.1.B"].clone()
+    B[0] *= 1 + 1e-3  # float64: far beyond rounding
+    with pytest.raises(ValueError, match="'layers.1.B' rows must be unit vectors.*row 0 has norm 1.001"):
+        from_pilimit(dict(sd, **{"layers.1.B": B}))
+    B[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="row 0 has norm nan"):
+        from_pilimit(dict(sd, **{"layers.1.B": B}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_from_pilimit_accepts_unit_rows_rounded_to_low_precision(dtype):
+    # A reference checkpoint in half precision stores float32 directions rounded to its dtype; zero
+    # rows (unused storage) are allowed too.
+    gen = torch.Generator().manual_seed(3)
+    sd = _random_reference(r=64, M=(500, 400, 300))
+    for i in (1, 2, 3):
+        B = torch.nn.functional.normalize(torch.randn(sd[f"layers.{i}.A"].shape[0], 64, generator=gen), dim=1)
+        B[-1] = 0
+        sd[f"layers.{i}.B"] = B.to(dtype)
+    net = from_pilimit(sd)
+    assert [l.state.rows for l in net.pi_layers] == [500, 400, 300]

@@ -405,3 +405,101 @@ def test_stats_report_the_norm_of_what_is_clipped_with_accumulation():
     assert st.grad_norm == pytest.approx(expected, rel=1e-12)
     assert st.grad_norm != pytest.approx(micro[-1], rel=1e-3)  # the last micro-batch's norm is not it
     assert st.clipped_grad_norm == pytest.approx(0.01, rel=1e-4)
+
+
+def test_pinet_testing_checks_its_arguments_before_any_training(monkeypatch):
+    # Users run pinet.testing on their own nets: a wrong call must be a named error, never a check
+    # that cannot fail (which=() passed), a false accusation (one width: "slope nan") or a raw
+    # AttributeError / ZeroDivisionError. All of these are refused before anything is trained.
+    from dataclasses import replace
+
+    from pinet import testing as T
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the arguments were checked")
+
+    monkeypatch.setattr(T, "train_infinite", no_training)
+    cfg = replace(T.RATE_CONFIGS["d0-sgd"], steps=3, test=8)
+    ok = dict(widths=(64, 128), seeds=[0])
+    cases = [
+        ({**ok, "which": ()}, ValueError, "which must name at least one error"),
+        ({**ok, "which": "out"}, TypeError, r"which must be a collection .* got the string 'out'"),
+        ({**ok, "which": ("outs",)}, ValueError, r"unknown error name\(s\) \['outs'\]"),
+        ({**ok, "widths": (64, 64)}, ValueError, "widths must be distinct"),
+        ({**ok, "widths": (64,)}, ValueError, "at least two distinct widths"),
+        ({**ok, "widths": (2, 4)}, ValueError, "every width must be >= r = 4"),
+        ({**ok, "widths": (64.0, 128)}, TypeError, "every width must be an int"),
+        ({**ok, "seeds": []}, ValueError, "seeds must not be empty"),
+        ({**ok, "seeds": [0.5]}, TypeError, "every seed must be an int"),
+        ({**ok, "seeds": [-1]}, ValueError, "every seed must be an int in"),
+        ({**ok, "max_slope": float("nan")}, ValueError, "max_slope must be a finite number"),
+        ({**ok, "max_slope": float("inf")}, ValueError, "max_slope must be a finite number"),
+        ({**ok, "max_error": 0.0}, ValueError, "max_error must be a finite number > 0"),
+        ({**ok, "build": 5}, TypeError, "build must be a callable"),
+    ]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            T.assert_tracks_limit(cfg, **kw)
+    with pytest.raises(TypeError, match="cfg must be a pinet.testing.TrainConfig"):
+        T.assert_tracks_limit({"d": 4}, **ok)
+    with pytest.raises(TypeError, match="measure_tracking: omegas must be an int, got float"):
+        T.measure_tracking(cfg, 0, 64, 2.5)
+    with pytest.raises(ValueError, match="at least 2 finite nets"):
+        T.measure_tracking(cfg, 0, 64, 1)
+    with pytest.raises(ValueError, match="finite_cfg must describe the same data as cfg.*steps"):
+        T.measure_rates(cfg, [64], [0], finite_cfg=replace(cfg, steps=4))
+    with pytest.raises(ValueError, match="RateResult.geo: which must be one of"):
+        T.RateResult([64], {64: [0.1]}, {64: [0.1]}, {64: [0.1]}).geo("o")
+    with pytest.raises(ValueError, match="fit_slope: need at least two distinct widths"):
+        T.fit_slope([64], [0.1])
+    with pytest.raises(ValueError, match="fit_slope: errors must be positive finite"):
+        T.fit_slope([64, 128], [0.1, float("nan")])
+    with pytest.raises(ValueError, match="geo_mean: xs must not be empty"):
+        T.geo_mean([])
+    with pytest.raises(ValueError, match="rel_error: a and ref must have the same shape"):
+        T.rel_error(torch.ones(3, 1), torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "field, value, exc, msg",
+    [
+        ("accumulate", 0, ValueError, "accumulate must be an int >= 1, got 0"),  # used to mean 1
+        ("batch", 0, ValueError, "batch must be an int >= 1"),  # NaN errors
+        ("test", 0, ValueError, "test must be an int >= 1"),  # a NaN output error
+        ("steps", 0, ValueError, "steps must be an int >= 1"),  # torch's empty-stack error
+        ("d", 0, ValueError, "d must be an int >= 1"),  # ZeroDivisionError
+        ("depth", -1, ValueError, "depth must be an int >= 0"),
+        ("steps", 2.0, TypeError, "steps must be an int, got float"),
+        ("lr", float("nan"), ValueError, "lr must be a finite number >= 0"),
+        ("momentum", 1.0, ValueError, r"momentum must be in \[0, 1\)"),
+        ("clip", 0.0, ValueError, "clip must be a finite number > 0"),
+        ("nesterov", True, ValueError, "nesterov needs momentum > 0"),
+        ("dampening", 1.5, ValueError, r"dampening must be in \[0, 1\]"),
+        ("layernorm", "no", TypeError, "layernorm must be a bool"),
+        ("batch", 65, ValueError, r"batch \(65\) must be <= pool \(64\)"),
+    ],
+)
+def test_train_config_checks_its_fields(field, value, exc, msg):
+    from dataclasses import replace
+
+    with pytest.raises(exc, match=msg):
+        TrainConfig(**{field: value})
+    with pytest.raises(exc, match=msg):  # dataclasses.replace runs the same checks
+        replace(TrainConfig(name="base"), **{field: value})
+
+
+def test_a_net_whose_outputs_do_not_match_cfg_k_is_named():
+    # It was torch's "The size of tensor a (3) must match the size of tensor b (2)".
+    from dataclasses import replace
+
+    from pinet import testing as T
+
+    cfg = replace(T.RATE_CONFIGS["d0-sgd"], steps=2, test=4)
+
+    def build(c, seed):
+        return pinet.InfPiMLP(c.d, c.k + 1, c.r, 0, dtype=torch.float64)
+
+    with pytest.raises(ValueError, match=r"outputs of shape \(8, 3\) for targets of shape \(8, 2\)"):
+        T.measure_rates(cfg, [64], [0], build=build)
+    with pytest.raises(TypeError, match=r"build\(cfg, seed\) must return an nn.Module"):
+        T.measure_rates(cfg, [64], [0], build=lambda c, s: None)

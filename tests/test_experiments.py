@@ -528,3 +528,68 @@ def test_a_fresh_run_into_an_earlier_runs_save_dir_says_so(tmp_path, capsys):
     train.main(FAST + ["--epochs", "1", "--save-dir", out, "--train-subset", "64"])
     err = capsys.readouterr().err
     assert "holds an earlier run's checkpoint.pt and log.csv; this run replaces them" in err and "--resume" in err
+
+
+@pytest.mark.parametrize("widths, msg", [("64,64", "each width at most once"), ("64", "at least two distinct widths"),
+                                         ("64,128,64", "each width at most once")])  # fmt: skip
+def test_equivalence_cli_needs_two_distinct_widths_for_its_slope(tmp_path, capsys, widths, msg):
+    # One width (or a repeated one) wrote "log-log slope | nan" into the table and exited 0.
+    from experiments import equivalence
+
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        equivalence.main(["--config", "d0-sgd", "--widths", widths, "--seeds", "1", "--out", str(out), "--no-progress"])
+    assert e.value.code == 2
+    assert f"argument --widths: {msg}" in capsys.readouterr().err and not out.exists()
+
+
+def _edit(ckpt, path, value):
+    *head, last = path
+    target = ckpt
+    for k in head:
+        target = target[k]
+    if value is _DROP:
+        del target[last]
+    else:
+        target[last] = value
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    "path, value, msg",
+    [
+        (["args"], 5, "its saved training flags ('args') must be a dict of flag values, got int"),
+        (["args", "lr"], "x", "its saved --lr must be a number, got 'x'"),
+        (["args", "batch_size"], 0, "saved training flags are invalid (argument --batch-size: must be a positive integer"),
+        (["args", "momentum"], 1.5, r"saved training flags are invalid (argument --momentum: must be in [0, 1)"),
+        (["args", "nesterov"], "yes", "its saved --nesterov must be a bool, got 'yes'"),
+        (["args", "scheduler"], "linear", "its saved --scheduler must be one of ['none', 'cosine', 'multistep']"),
+        (["args", "lr_drop_milestones"], [3, 1], "its saved --lr-drop-milestones must be a list the flag accepts"),
+        (["args", "lr"], _DROP, "('args') lack --lr"),  # resumed silently at the parser's default lr
+        (["history"], [5], "history[0] must be a dict (one epoch's row), got int"),
+        (["history"], [{}], "history[0] has no 'epoch'"),
+        (["history"], [], "'history' must hold one row per epoch (1), got 0 rows"),
+        (["history", 0, "epoch"], 2, "history[0]['epoch'] must be 1, got 2"),
+        (["history", 0, "train_loss"], "x", "history[0]['train_loss'] must be a number"),
+    ],
+)
+def test_resume_refuses_malformed_saved_flags_and_history(tmp_path, capsys, path, value, msg):
+    # Each was a traceback (exit 1: AttributeError, ZeroDivisionError, KeyError, a param_groups
+    # error) or, for a missing flag, a run at today's default: now one line, exit 2, nothing written.
+    import copy
+
+    run = tmp_path / "run1"
+    train.main(TINY + ["--save-dir", str(run)])
+    ckpt = copy.deepcopy(torch.load(run / "checkpoint.pt", weights_only=True))
+    _edit(ckpt, path, value)
+    torch.save(ckpt, run / "checkpoint.pt")
+    before = _files(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run / "checkpoint.pt"), "--epochs", "2", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err and str(run / "checkpoint.pt") in err, err
+    assert _files(run) == before

@@ -862,3 +862,67 @@ def test_transfer_demo_refuses_what_it_cannot_honour_before_any_work(tmp_path, c
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, err
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def _transfer_err(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        transfer_imagenet.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_empty_validation_set_and_empty_batches_are_one_line_errors(tiny_data, capsys):
+    # A validation set with no image of the selected classes was evaluated on nothing and every
+    # epoch logged val loss 0.0 and accuracy 0.0 (history, log.csv, checkpoint). An empty batch was
+    # refused or not depending on its labels' container. All are refused before any training.
+    root, _ = tiny_data
+    out = root / "out"
+    argv = ["--r", "8", "--depth", "1", "--epochs", "1", "--float64", "--batch-size", "8", "--quiet",
+            "--imagenet-data", str(root / "imagenet"), "--cifar-data", str(root / "cifar"), "--save-dir", str(out)]  # fmt: skip
+
+    def write(name, obj):
+        with open(root / "imagenet" / name, "wb") as f:
+            pickle.dump(obj, f)
+
+    write("val_data", {"data": np.zeros((3, 3072), np.uint8), "labels": [2, 3, 1000]})
+    err = _transfer_err(capsys, argv)
+    assert "no validation image (val_data) belongs to the 250 selected classes" in err, err
+    assert not out.exists()
+    for labels in ([], np.zeros(0, np.int64), np.zeros(0, np.uint8)):
+        write("val_data", {"data": np.zeros((0, 3072), np.uint8), "labels": labels})
+        assert "val_data holds no images" in _transfer_err(capsys, argv)
+        write("train_data_batch_2", {"data": np.zeros((0, 3072), np.uint8), "labels": labels})
+        assert "train_data_batch_2 holds no images" in _transfer_err(capsys, argv)
+        _write_imagenet32(root / "imagenet")
+    write("train_data_batch_2", {"data": np.zeros((2, 3072), np.uint8), "labels": []})
+    assert "'data' has 2 rows but 'labels' is empty" in _transfer_err(capsys, argv)
+    assert not out.exists()
+
+
+def test_transfer_resume_refuses_malformed_saved_flags_and_history(tiny_data, capsys):
+    # The resume checks of train (experiments.common) with this command's own flag checks.
+    root, _ = tiny_data
+    data = ["--imagenet-data", str(root / "imagenet"), "--cifar-data", str(root / "cifar")]
+    transfer_imagenet.main(["--r", "8", "--depth", "1", "--epochs", "1", "--float64", "--batch-size", "8", "--quiet",
+                            "--save-dir", str(root / "run"), *data])  # fmt: skip
+    ckpt = torch.load(root / "run" / "checkpoint.pt", weights_only=True)
+    before = {p.name: p.read_bytes() for p in (root / "run").iterdir()}
+    cases = [
+        (lambda c: c.update(args=5), "saved training flags ('args') must be a dict"),
+        (lambda c: c["args"].update(batch_size=0), "argument --batch-size: must be a positive integer, got 0"),
+        (lambda c: c["args"].update(gclip_drop_ratio=-1.0), "argument --gclip-drop-ratio: must be a finite number > 0"),
+        (lambda c: c["args"].update(lr="x"), "its saved --lr must be a number, got 'x'"),
+        (lambda c: c["args"].pop("wd"), "lack --wd"),
+        (lambda c: c.update(history=[{}]), "history[0] has no 'epoch'"),
+        (lambda c: c.update(transfers=[5]), "transfers[0] must be a dict"),
+    ]
+    for edit, msg in cases:
+        bad = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ckpt.items()}
+        edit(bad)
+        torch.save(bad, root / "bad.pt")
+        err = _transfer_err(capsys, ["--resume", str(root / "bad.pt"), "--epochs", "2", "--quiet", *data])
+        assert msg in err, err
+    assert {p.name: p.read_bytes() for p in (root / "run").iterdir()} == before
+    assert sorted(p.name for p in root.iterdir()) == ["bad.pt", "cifar", "imagenet", "run"]

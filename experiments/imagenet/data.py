@@ -120,6 +120,13 @@ def read_batch(path: str, *, label_base: int) -> tuple[np.ndarray, np.ndarray]:
         raise CLIError(f"{path}: expected keys 'data' and 'labels', found {sorted(map(str, obj))}")
     X = np.asarray(obj["data"])
     labels = np.asarray(obj["labels"])
+    if labels.size == 0:
+        # An empty list of labels reads as float64 and an empty int64 array does not: decided here,
+        # before the dtype, so that an empty batch is one error whatever container holds it.
+        rows = X.shape[0] if X.ndim else X.size
+        if rows == 0:
+            raise CLIError(f"{path} holds no images ('data' has 0 rows and 'labels' is empty)")
+        raise CLIError(f"{path}: 'data' has {rows} rows but 'labels' is empty; expected one label per row")
     if labels.dtype.kind not in "iu":  # strings or fractions are not class ids; do not truncate them
         raise CLIError(f"{path}: 'labels' must be integers, got {labels.dtype} values such as {labels.reshape(-1)[:3].tolist()}")
     y = labels.astype(np.int64).reshape(-1) - label_base
@@ -195,6 +202,10 @@ def load_imagenet32(
     Xva, yva = keep(_find(folder, IMAGENET_VAL_FILE))
     if Xtr.shape[0] == 0:
         raise CLIError(f"{folder}: no training image belongs to the {len(classes)} selected classes")
+    if Xva.shape[0] == 0:
+        # Evaluated on nothing, every epoch reported a validation loss and accuracy of 0.0 (in the
+        # history, log.csv and checkpoint) as if measured.
+        raise CLIError(f"{folder}: no validation image ({IMAGENET_VAL_FILE}) belongs to the {len(classes)} selected classes")
     return Xtr, ytr, Xva, yva
 
 

@@ -267,11 +267,37 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         bad("--quiet", "not allowed together with --verbose or --human")
 
 
+def _saved_width(ns: argparse.Namespace) -> None:
+    # The infinite net is saved as width 0 (what _check makes of an absent --width); its saved flags
+    # are checked as an absent --width, as they resume.
+    if ns.width == 0:
+        ns.width = None
+
+
+def _check_transfers(transfers, where: str) -> None:
+    """A CLIError unless a checkpoint's ``transfers`` is a list of milestone records as run() writes
+    them (``epoch``, ``acc`` per ridge, ``seconds``): they are re-logged and decide what is skipped."""
+    if not isinstance(transfers, list):
+        raise CLIError(f"{where}: 'transfers' must be a list, got {type(transfers).__name__}")
+    for i, t in enumerate(transfers):
+        ok = (
+            isinstance(t, dict) and {"epoch", "acc", "seconds"} <= set(t)
+            and isinstance(t["epoch"], int) and not isinstance(t["epoch"], bool) and t["epoch"] >= 0
+            and isinstance(t["acc"], list) and len(t["acc"]) > 0
+            and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in t["acc"])
+            and isinstance(t["seconds"], (int, float)) and not isinstance(t["seconds"], bool)
+        )  # fmt: skip
+        if not ok:
+            raise CLIError(f"{where}: transfers[{i}] must be a dict with an int 'epoch', a list 'acc' of accuracies "
+                           f"and a number 'seconds', got {t!r}"[:300])  # fmt: skip
+
+
 def _merge_resume(parser, args, saved: dict, given: set[str]) -> argparse.Namespace:
     """As experiments.common's resume merge, with this command's data and transfer flags CLI-only."""
     merged = _merge_resume_args(
         parser, args, saved, given, cli_only=_CLI_ONLY | _TRANSFER_CLI_ONLY,
         changeable="only --epochs, --save-dir, data, transfer and output flags may change",
+        check=_check, prepare=_saved_width,
     )  # fmt: skip
     if "width" not in given and merged.width == 0:
         # The infinite net is saved as width 0 (what _check makes of an absent --width); it resumes
@@ -443,9 +469,9 @@ def run(args, data, device, *, checkpoint=None) -> dict:
             opt.load_state_dict(checkpoint["optimizer"])
             if sched is not None:
                 sched.load_state_dict(checkpoint["scheduler"])
-        except (KeyError, ValueError, RuntimeError) as e:
+            _set_rng_state(checkpoint["rng"], data_gen)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CLIError(f"cannot restore the checkpoint: {str(e).splitlines()[0]}") from None
-        _set_rng_state(checkpoint["rng"], data_gen)
         history = list(checkpoint["history"])
         transfers = list(checkpoint.get("transfers", []))
         start = int(checkpoint["epoch"])
@@ -620,6 +646,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     f"{args.resume} has no {', '.join(map(repr, missing))} entry: it cannot be resumed exactly"
                 )
             _check_checkpoint(checkpoint, args.resume)  # RNG state, epoch and history, as train's resume
+            _check_transfers(checkpoint["transfers"], args.resume)
             args = _merge_resume(parser, args, checkpoint["args"], given_dests(parser, argv))
         _check(parser, args)
         if args.save_dir:
