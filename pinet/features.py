@@ -14,14 +14,13 @@ infinite one at rate ``n^-½`` (sampled from the same net). Kernel ridge regress
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .functional import J, normalize_rows
-from .layers import FinPiLayer, InfPiLayer
+from .layers import FinPiLayer, InfPiLayer, _positive_index
 from .models import FinPiMLP, InfPiMLP
 
 __all__ = ["feature_kernel", "features", "kernel_from_features", "readout_layer"]
@@ -86,16 +85,7 @@ def _check_x(name: str, x, like: Tensor | None = None) -> Tensor:
 
 
 def _check_block(block_size) -> int:
-    # Integer-like values (numpy integers) are accepted through operator.index; bool is not a size.
-    try:
-        n = None if isinstance(block_size, bool) else operator.index(block_size)
-    except TypeError:
-        n = None
-    if n is None:
-        raise TypeError(f"feature_kernel: block_size must be a positive int, got {block_size!r}")
-    if n < 1:
-        raise ValueError(f"feature_kernel: block_size must be a positive int, got {block_size!r}")
-    return n
+    return _positive_index("feature_kernel", "block_size", block_size)
 
 
 def _check_net_device(net: nn.Module) -> torch.device | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from functools import partial
 
 import torch
@@ -45,6 +46,20 @@ def _check_dim(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
     return int(v)
+
+
+def _positive_index(where: str, name: str, v) -> int:
+    """``v`` as a Python int >= 1: integer-likes (numpy integers) pass through ``operator.index``,
+    bool does not (TypeError for a wrong type, ValueError below 1, both naming ``where`` and ``name``)."""
+    try:
+        n = None if isinstance(v, bool) else operator.index(v)
+    except TypeError:
+        n = None
+    if n is None:
+        raise TypeError(f"{where}: {name} must be a positive int, got {v!r}")
+    if n < 1:
+        raise ValueError(f"{where}: {name} must be a positive int, got {v!r}")
+    return n
 
 
 def _check_mult(name: str, v) -> float:

@@ -16,7 +16,6 @@ pass (:func:`trace`) in which every tensor derived from a layer's output carries
 from __future__ import annotations
 
 import copy
-import operator
 import os
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .layers import ROLES, InfPiInput, InfPiLayer, InfPiModule
+from .layers import ROLES, InfPiInput, InfPiLayer, InfPiModule, _positive_index
 
 __all__ = ["sample", "trace", "DataFlow", "MixedSpacesError"]
 
@@ -268,16 +267,7 @@ def _draw_omegas(flow: DataFlow, width: int, generator, draw_device, device, dty
 
 
 def _check_width(width) -> int:
-    # Integer-like values (numpy integers) pass through operator.index; bool is not a width.
-    try:
-        n = None if isinstance(width, bool) else operator.index(width)
-    except TypeError:
-        n = None
-    if n is None:
-        raise TypeError(f"pinet.sample: width must be a positive int, got {width!r}")
-    if n < 1:
-        raise ValueError(f"pinet.sample: width must be a positive int, got {width!r}")
-    return n
+    return _positive_index("pinet.sample", "width", width)
 
 
 def _check_generator(generator) -> None:
