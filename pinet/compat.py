@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .models import InfPiMLP
+from .state import unit_row_tolerance, worst_unit_row
 
 __all__ = ["from_pilimit", "pilimit_lr_mults"]
 
@@ -65,36 +66,20 @@ def _scalar(sd: Mapping, key: str) -> float:
     return float(v)
 
 
-# How far a row norm of B may be from 1 (or 0): the reference stores directions ḡ = g / ‖g‖, computed
-# in float32 or float64 and possibly saved in half precision. Rounding each entry to the storage dtype
-# moves the norm by at most its unit roundoff u (float16 4.9e-4, bfloat16 3.9e-3); 4 * eps = 8u leaves
-# room for the normalisation's own rounding. The 1e-4 floor admits float32 directions saved as
-# float64. Anything further is not a direction: pinet clamps the cosine ḡ·B_i to [-1, 1] and the
-# reference does not, so rows of norm 3 loaded silently and computed a different forward (off by 20).
-_UNIT_ATOL_FLOOR = 1e-4
-_UNIT_EPS_FACTOR = 4.0
-_NORM_CHUNK = 1 << 16  # rows per block: the norms of a multi-GB half B without a float32 copy of it
-
-
 def _check_unit_rows(key: str, B: Tensor) -> None:
-    """A ValueError naming ``key`` and its worst row unless every row of ``B`` has norm 1 or 0."""
+    """A ValueError naming ``key`` and its worst row unless every row of ``B`` has norm 1 or 0
+    within :func:`pinet.state.unit_row_tolerance` (which half-precision checkpoints pass). The
+    reference stores directions ḡ = g / ‖g‖; pinet clamps the cosine ḡ·B_i to [-1, 1] and the
+    reference does not, so rows of norm 3 loaded silently and computed a different forward (off
+    by 20)."""
     if B.layout != torch.strided or B.device.type == "meta" or B.shape[0] == 0:
         return  # no data to read: sparse and meta tensors are refused by the load itself
-    tol = max(_UNIT_ATOL_FLOOR, _UNIT_EPS_FACTOR * torch.finfo(B.dtype).eps)
-    acc = torch.promote_types(B.dtype, torch.float32)
-    worst_dev, worst_row, worst_norm = -1.0, 0, 0.0
-    for i in range(0, B.shape[0], _NORM_CHUNK):
-        with torch.no_grad():
-            norms = B[i : i + _NORM_CHUNK].to(acc).norm(dim=1)
-        # Distance to the nearer of the two allowed norms; NaN rows count as infinitely far.
-        dev = torch.minimum((norms - 1).abs(), norms).nan_to_num(nan=math.inf)
-        j = int(dev.argmax())
-        if float(dev[j]) > worst_dev:
-            worst_dev, worst_row, worst_norm = float(dev[j]), i + j, float(norms[j])
-    if not worst_dev <= tol:
+    row, norm, dist = worst_unit_row(B)
+    tol = unit_row_tolerance(B.dtype)
+    if not dist <= tol:
         raise ValueError(
             f"from_pilimit: {key!r} rows must be unit vectors (the reference stores input directions g/|g|) or zero, "
-            f"within {tol:.1e} for {B.dtype}; row {worst_row} has norm {worst_norm:.6g}"
+            f"within {tol:.1e} for {B.dtype}; row {row} has norm {norm:.6g}"
         )
 
 

@@ -54,22 +54,39 @@ def _check_tensor(key: str, v, problems: list[str]) -> bool:
 
 def unit_row_tolerance(dtype: torch.dtype) -> float:
     """How far from 1 the norm of a stored unit row ``B_i`` may be: 1e-4 for float32 and wider
-    (rounding of a normalised row of a few thousand entries is ~1e-6), 4 eps for float16 (4e-3)
-    and bfloat16 (3e-2), whose rounding of each entry moves the norm by up to eps / 2."""
+    (rounding of a normalised row of a few thousand entries is ~1e-6; the floor also admits float32
+    directions saved as float64), 4 eps for float16 (4e-3) and bfloat16 (3e-2): rounding each
+    entry moves the norm by at most the unit roundoff eps / 2, and 4 eps leaves room for the
+    normalisation's own rounding."""
     return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
+_NORM_CHUNK = 1 << 16  # rows per block: the norms of a multi-GB half B without a float32 copy of it
+
+
+def worst_unit_row(B: Tensor) -> tuple[int, float, float]:
+    """``(row, norm, distance)`` of the row of ``B`` (k, r) whose norm is furthest from the nearer
+    of 1 and 0 (a NaN norm is infinitely far), computed in float32 or wider, in blocks of rows.
+    ``(0, 1.0, 0.0)`` for no rows."""
+    acc = torch.promote_types(B.dtype, torch.float32)
+    worst = (0, 1.0, 0.0)
+    with torch.no_grad():
+        for i in range(0, B.shape[0], _NORM_CHUNK):
+            norms = torch.linalg.vector_norm(B[i : i + _NORM_CHUNK].to(acc), dim=1)
+            dist = torch.minimum((norms - 1).abs(), norms).nan_to_num(nan=math.inf)
+            j = int(dist.argmax())
+            if float(dist[j]) > worst[2]:
+                worst = (i + j, float(norms[j]), float(dist[j]))
+    return worst
 
 
 def _check_unit_rows(where: str, B: Tensor) -> None:
     # The π-formula's cosines are ḡ · B_i for unit rows (zero rows come from a zero input); any
     # other norm is clamped into [-1, 1] by J and silently gives another function.
-    if B.numel() == 0:
-        return
-    norms = torch.linalg.vector_norm(B, dim=1, dtype=torch.float32 if B.dtype in _HALF else None)
-    off = torch.where(norms == 0, torch.zeros_like(norms), (norms - 1).abs())
-    worst = int(off.argmax())
-    if float(off[worst]) > unit_row_tolerance(B.dtype):
+    row, norm, dist = worst_unit_row(B)
+    if not dist <= unit_row_tolerance(B.dtype):
         raise ValueError(
-            f"{where} rows must be unit vectors (or zero): row {worst} has norm {float(norms[worst]):.6g} "
+            f"{where} rows must be unit vectors (or zero): row {row} has norm {norm:.6g} "
             f"(tolerance {unit_row_tolerance(B.dtype):.1g} for {B.dtype}); nothing was appended"
         )
 
