@@ -801,28 +801,33 @@ class _SavedFlagsError:
 def _check_saved_args(
     parser: argparse.ArgumentParser, saved, where: str, cli_only: set[str],
     check: Callable[[Any, argparse.Namespace], None] | None = None, prepare: Callable[[argparse.Namespace], None] | None = None,
+    given: argparse.Namespace | None = None, typed: set[str] = frozenset(),
 ) -> None:
     """A CLIError unless ``saved`` (a checkpoint's ``args``) is a dict holding every training flag of
     ``parser`` (all but ``cli_only`` and --save-dir) with values of the flag's type that pass ``check``
     (default :func:`check_training_args`, the checks of typed flags), applied to the parser's defaults
-    overridden by the saved flags (``prepare`` adjusts that namespace first)."""
+    overridden by the saved flags (``prepare`` adjusts that namespace first). A flag the checkpoint
+    lacks (one added after it was written) may be supplied on the command line: ``typed`` names the
+    flags typed there and ``given`` holds their values."""
     if not isinstance(saved, dict):
         raise CLIError(f"{where}: its saved training flags ('args') must be a dict of flag values, got "
                        f"{type(saved).__name__}")  # fmt: skip
     actions = {a.dest: a for a in parser._actions if a.dest != "help" and a.default is not argparse.SUPPRESS}
     required = [d for d in actions if d not in cli_only and d != "save_dir"]
-    missing = [d for d in required if d not in saved]
+    missing = [d for d in required if d not in saved and d not in typed]
     if missing:
         # Resumed without them, the run would silently train with today's defaults instead.
-        raise CLIError(f"{where}: its saved training flags ('args') lack {', '.join(map(_flag, missing))}; a "
-                       "checkpoint.pt written by this program records every one")  # fmt: skip
+        raise CLIError(f"{where}: its saved training flags ('args') lack {', '.join(map(_flag, missing))} (a "
+                       "checkpoint from an older version?); pass them on the command line with the values "
+                       "that run used")  # fmt: skip
     for d in required:
-        problem = _saved_value_problem(actions[d], saved[d])
-        if problem is not None:
-            raise CLIError(f"{where}: its saved {_flag(d)} must be {problem}, got {saved[d]!r}")
+        if d in saved:
+            problem = _saved_value_problem(actions[d], saved[d])
+            if problem is not None:
+                raise CLIError(f"{where}: its saved {_flag(d)} must be {problem}, got {saved[d]!r}")
     ns = parser.parse_args([])
     for d in required:
-        setattr(ns, d, saved[d])
+        setattr(ns, d, saved[d] if d in saved else getattr(given, d))
     if prepare is not None:
         prepare(ns)
     (check or check_training_args)(_SavedFlagsError(where), ns)
@@ -948,7 +953,7 @@ def _merge_resume_args(
     except --epochs and --save-dir, which are then taken from the command line; --save-dir not given
     is the checkpoint's directory. ``saved`` is checked first (:func:`_check_saved_args` with
     ``check`` and ``prepare``): a malformed, incomplete or invalid set of flags is a CLIError."""
-    _check_saved_args(parser, saved, args.resume or "the checkpoint", cli_only, check, prepare)
+    _check_saved_args(parser, saved, args.resume or "the checkpoint", cli_only, check, prepare, args, given)
     merged = argparse.Namespace(**vars(args))
     for key, old in saved.items():
         if key in cli_only or not hasattr(args, key):

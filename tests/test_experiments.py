@@ -593,3 +593,20 @@ def test_resume_refuses_malformed_saved_flags_and_history(tmp_path, capsys, path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err and str(run / "checkpoint.pt") in err, err
     assert _files(run) == before
+
+
+def test_resume_takes_a_flag_the_checkpoint_lacks_from_the_command_line(tmp_path, capsys):
+    # A checkpoint from before a flag existed is refused without it (it would train at today's
+    # default), and resumes when the flag is given with the value that run used.
+    import copy
+
+    run = tmp_path / "run1"
+    train.main(TINY + ["--save-dir", str(run)])
+    ckpt = copy.deepcopy(torch.load(run / "checkpoint.pt", weights_only=True))
+    lr = ckpt["args"].pop("lr")
+    torch.save(ckpt, run / "checkpoint.pt")
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(run / "checkpoint.pt"), "--epochs", "2", "--no-progress"])
+    assert "pass them on the command line with the values that run used" in capsys.readouterr().err
+    train.main(["--resume", str(run / "checkpoint.pt"), "--epochs", "2", "--lr", str(lr), "--no-progress"])
+    assert len(_log(run / "log.csv")) == 2
