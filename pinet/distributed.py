@@ -168,6 +168,13 @@ _state = threading.local()  # per thread: the sharded forwards running now, by g
 _has_shards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _shape_code(values, code: int = 0) -> int:
+    """Fold the ints ``values`` into the hash ``code`` (an exact float64 integer: ranks compare it)."""
+    for d in values:
+        code = (code * 1000003 + d + 1) % _SHAPE_MOD
+    return code
+
+
 def _open_forwards(group) -> list:
     table = getattr(_state, "open", None)
     if table is None:
@@ -197,8 +204,7 @@ def _batch_fingerprint(tensors, device=None) -> tuple[Tensor, float]:
         if i == 0 and t.dim():
             first = float(t.shape[0])
         numel += t.numel()
-        for d in (_DTYPE_CODES.get(t.dtype, 0), t.dim(), *t.shape):
-            code = (code * 1000003 + d + 1) % _SHAPE_MOD
+        code = _shape_code((_DTYPE_CODES.get(t.dtype, 0), t.dim(), *t.shape), code)
         if t.device.type == "meta" or t.numel() == 0:
             continue  # no values to compare
         v = t.detach()
@@ -327,26 +333,16 @@ def _fingerprint(model: nn.Module, states: dict[str, PiState]) -> tuple[list[str
 
 def _check_replicated(model: nn.Module, states: dict[str, PiState], group, device) -> None:
     names, fp = _fingerprint(model, states)
-    P = dist.get_world_size(group)
-    size = torch.tensor([fp.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(P)]
-    try:
-        dist.all_gather(sizes, size, group=group)
-        if len({int(s) for s in sizes}) != 1:
-            raise ShardMismatchError(
-                f"pinet.distributed.shard: the ranks hold models of different structure "
-                f"({[int(s) for s in sizes]} tensors); build the same model on every rank"
-            )
-        fp = fp.to(device)
-        all_fp = [torch.zeros_like(fp) for _ in range(P)]
-        dist.all_gather(all_fp, fp, group=group)
-    except (RuntimeError, dist.DistError) as e:
-        if isinstance(e, ShardMismatchError):
-            raise
-        raise _fail("pinet.distributed.shard (checking that every rank holds the same model)", group, e) from e
-    ref = all_fp[0].cpu()
+    what = "pinet.distributed.shard (checking that every rank holds the same model)"
+    sizes = _all_gather_small(torch.tensor([fp.numel()], dtype=torch.int64, device=device), group, what)
+    if len({int(s) for s in sizes}) != 1:
+        raise ShardMismatchError(
+            f"pinet.distributed.shard: the ranks hold models of different structure "
+            f"({[int(s) for s in sizes]} tensors); build the same model on every rank"
+        )
+    all_fp = _all_gather_small(fp.to(device), group, what)
+    ref = all_fp[0]
     for p, other in enumerate(all_fp[1:], 1):
-        other = other.cpu()
         # Sums may be taken with other thread counts on other ranks: compare to rounding, not bits.
         # NaN sums (a model holding NaN) count as equal when both ranks have them: the same model.
         bad = ~torch.isclose(other, ref, rtol=1e-9, atol=1e-12, equal_nan=True)
@@ -426,9 +422,7 @@ def _agree_draws(model: nn.Module, draws: dict[str, Tensor], width: int, dtype: 
         return draws
     group = next(iter(states.values())).shard.group
     kinds = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-    code = 0
-    for t in draws.values():
-        code = (code * 1000003 + t.shape[1] + 1) % _SHAPE_MOD
+    code = _shape_code(t.shape[1] for t in draws.values())
     head = torch.tensor([width, kinds.index(dtype) if dtype in kinds else -1, len(draws), code], dtype=torch.float64)
     heads = _all_gather_small(head, group, f"{where} (checking that every rank samples the same width)")
     def dtype_name(k: int) -> str:
